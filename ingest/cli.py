@@ -1,0 +1,145 @@
+"""The ``ingest`` command: parse arguments, call one coroutine, map the outcome to an exit code.
+
+Errors are one line on stderr (``ingest: error: ...``); ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import traceback
+import warnings
+from collections.abc import Sequence
+
+from ingest.config import load_config
+from ingest.db import embedded_postgres, has_database_settings, open_pool, resolve_dsn
+from ingest.errors import ExitCode, IngestError
+from ingest.log import configure_logging
+from ingest.migrate import migrate
+from ingest.pipeline import RunOptions
+from ingest.report import summary_table
+from ingest.runner import run_source
+from ingest.secrets import Redactor
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dsn", help="PostgreSQL DSN (default: DATABASE_URL, then PG* variables)")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    parser.add_argument(
+        "--log-format",
+        default="auto",
+        choices=["auto", "json", "console"],
+        help="auto: JSON lines when stdout is not a TTY, console otherwise",
+    )
+    parser.add_argument("--debug", action="store_true", help="print tracebacks on errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ingest", description="Paginated HTTP APIs into PostgreSQL, exactly once."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    migrate_cmd = commands.add_parser("migrate", help="create or upgrade ingest's own schema")
+    _common(migrate_cmd)
+
+    run_cmd = commands.add_parser("run", help="fetch every endpoint of a source config")
+    run_cmd.add_argument("config", help="path to a source config (TOML)")
+    run_cmd.add_argument(
+        "--endpoint", action="append", default=[], help="only this endpoint (repeatable)"
+    )
+    run_cmd.add_argument(
+        "--restart", action="store_true", help="ignore unfinished checkpoints and start over"
+    )
+    run_cmd.add_argument(
+        "--max-dead-letters",
+        type=int,
+        default=None,
+        metavar="N",
+        help="fail the run when more than N records are dead-lettered",
+    )
+    _common(run_cmd)
+
+    demo_cmd = commands.add_parser(
+        "demo", help="run the bundled demo API into PostgreSQL (embedded if no DSN is set)"
+    )
+    demo_cmd.add_argument("--users", type=int, default=2500, help="records the demo API serves")
+    _common(demo_cmd)
+    return parser
+
+
+async def _migrate(dsn: str | None) -> int:
+    async with open_pool(dsn, size=1) as pool, pool.acquire() as connection:
+        applied = await migrate(connection)
+    print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+    return ExitCode.OK
+
+
+async def _run(args: argparse.Namespace, redactor: Redactor) -> int:
+    loaded = load_config(args.config)
+    options = RunOptions(
+        command="run",
+        endpoints=tuple(args.endpoint),
+        restart=args.restart,
+        max_dead_letters=args.max_dead_letters,
+    )
+    result = await run_source(loaded, resolve_dsn(args.dsn), redactor, options)
+    print(summary_table(result))
+    return ExitCode.OK
+
+
+async def _demo(args: argparse.Namespace, redactor: Redactor, dsn: str | None) -> int:
+    from ingest.demo import DEMO_CONFIG, serve_demo  # noqa: PLC0415
+
+    async with serve_demo(users=args.users) as base_url:
+        environ = {
+            **os.environ,
+            "INGEST_DEMO_URL": base_url,
+            "INGEST_DEMO_TOKEN": "demo-secret-token",
+        }
+        loaded = load_config(DEMO_CONFIG, environ)
+        async with open_pool(dsn, size=1) as pool, pool.acquire() as connection:
+            await migrate(connection)
+        print(f"demo API on {base_url}; database {'embedded' if args.embedded else 'from DSN'}")
+        result = await run_source(loaded, dsn, redactor, RunOptions(command="demo", restart=True))
+        print(summary_table(result))
+        async with open_pool(dsn, size=1) as pool, pool.acquire() as connection:
+            rows = await connection.fetch(
+                "SELECT id, name, score, updated_at FROM demo_users ORDER BY id LIMIT 5"
+            )
+            total = await connection.fetchval("SELECT count(*) FROM demo_users")
+        print(f"demo_users now holds {total} rows; the first five:")
+        for row in rows:
+            print(f"  {row['id']:>4}  {row['name']!r:<36} {row['score']!s:>8}  {row['updated_at']}")
+    return ExitCode.OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    redactor = Redactor()
+    configure_logging(redactor, level=args.log_level, fmt=args.log_format)
+    try:
+        if args.command == "migrate":
+            return asyncio.run(_migrate(resolve_dsn(args.dsn)))
+        if args.command == "run":
+            return asyncio.run(_run(args, redactor))
+        if args.command == "demo":
+            args.embedded = not has_database_settings(args.dsn)
+            if not args.embedded:
+                return asyncio.run(_demo(args, redactor, resolve_dsn(args.dsn)))
+            warnings.filterwarnings("ignore", module="platformdirs")
+            with embedded_postgres() as dsn:
+                return asyncio.run(_demo(args, redactor, dsn))
+    except IngestError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"ingest: error: {redactor(str(exc))}", file=sys.stderr)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        print("ingest: interrupted", file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)
+    raise AssertionError(f"unhandled command {args.command}")

@@ -1,0 +1,73 @@
+"""PostgreSQL connections: where the DSN comes from, the pool, and the embedded demo server.
+
+Order of precedence for the DSN: ``--dsn``, then ``DATABASE_URL``, then libpq's ``PG*``
+variables (asyncpg reads PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE itself).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from urllib.parse import urlsplit
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from ingest.errors import IngestError
+
+#: A connection, whether held directly or borrowed from a pool.
+Connection = asyncpg.Connection | PoolConnectionProxy
+
+PG_VARIABLES = ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD", "PGSERVICE")
+
+
+def resolve_dsn(flag: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The DSN to connect with, or None to let asyncpg read the ``PG*`` variables."""
+    environment = os.environ if environ is None else environ
+    return flag or environment.get("DATABASE_URL") or None
+
+
+def has_database_settings(flag: str | None, environ: Mapping[str, str] | None = None) -> bool:
+    environment = os.environ if environ is None else environ
+    return bool(resolve_dsn(flag, environment)) or any(name in environment for name in PG_VARIABLES)
+
+
+def describe_dsn(dsn: str | None) -> str:
+    """The DSN without its password, for messages."""
+    if not dsn:
+        return "the PG* environment variables"
+    parts = urlsplit(dsn)
+    host = parts.hostname or "local socket"
+    return f"postgresql://{parts.username or ''}@{host}:{parts.port or 5432}{parts.path}"
+
+
+@asynccontextmanager
+async def open_pool(dsn: str | None, *, size: int) -> AsyncIterator[asyncpg.Pool]:
+    """A connection pool; a connection failure becomes a one-line error naming the server."""
+    try:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max(2, size))
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        message = " ".join(str(exc).split())
+        raise IngestError(
+            f"cannot connect to PostgreSQL at {describe_dsn(dsn)}: {message} "
+            "(set --dsn, DATABASE_URL or PG* variables)"
+        ) from None
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@contextmanager
+def embedded_postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL from the ``pgserver`` package; deleted on exit. Yields its DSN."""
+    from pgserver import get_server  # type: ignore[attr-defined]  # noqa: PLC0415
+
+    directory = tempfile.mkdtemp(prefix="ingest-pg-")
+    server = get_server(directory, cleanup_mode="delete")
+    try:
+        yield str(server.get_uri())
+    finally:
+        server.cleanup()

@@ -1,0 +1,1 @@
+"""HTTP side of ingest: one client, one retry policy, requests and responses as plain values."""

@@ -1,0 +1,285 @@
+"""Pagination styles, each a small class behind one narrow protocol.
+
+A paginator reads a fetched page and says what the next request is, or ``None`` when the walk is
+over. Nothing else in ingest knows how pagination works. Stop conditions are explicit: an empty
+page, no next reference, a total reached, a ``has_more``-style flag that is explicitly false.
+Absent, null or empty values are never taken as a stop signal on their own: real servers send
+numbers as strings and empty headers.
+
+The walker in :mod:`ingest.source` adds the guards that apply to every style: a next reference
+that repeats, a page that repeats, and a 404 past the end of a numbered walk.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import urljoin
+
+from ingest.config import (
+    CursorPagination,
+    LinkHeaderPagination,
+    NextUrlPagination,
+    OffsetPagination,
+    PageNumberPagination,
+    Pagination,
+    SinglePage,
+)
+from ingest.errors import PaginationError
+from ingest.http.messages import HttpResponse, PageRequest
+from ingest.paths import MISSING, compile_path, lenient_bool, lenient_int
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """What a paginator sees of one fetched page."""
+
+    request: PageRequest
+    response: HttpResponse
+    records: Sequence[Any]
+
+
+class Paginator(Protocol):
+    """Turns one page into the next request."""
+
+    #: True for styles where the page position is a number we compute (page, offset): a 404 or a
+    #: repeated page past the end then means "no more data" rather than an error.
+    numbered: bool
+
+    def first_request(self, base: PageRequest) -> PageRequest:
+        """The request for the first page, built from the endpoint's URL and params."""
+
+    def next_request(self, page: Page) -> PageRequest | None:
+        """The request for the page after ``page``, or ``None`` when the walk is over."""
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters needed to resume (stored in the checkpoint next to the next request)."""
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Reload counters from :meth:`snapshot` output."""
+
+
+def _explicitly_false(flag: Any) -> bool:
+    return lenient_bool(flag) is False
+
+
+class _Counting:
+    """Shared bookkeeping: records seen so far, for "total reached" checks across resumes."""
+
+    numbered = False
+
+    def __init__(self) -> None:
+        self.records_seen = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"records_seen": self.records_seen}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.records_seen = int(state.get("records_seen", 0))
+
+
+class PageNumberPaginator(_Counting):
+    """``?page=N`` (plus an optional page size); page numbers count pages, not records."""
+
+    numbered = True
+
+    def __init__(self, config: PageNumberPagination) -> None:
+        super().__init__()
+        self.config = config
+        self._total = compile_path(config.total_path) if config.total_path else None
+        self._total_pages = (
+            compile_path(config.total_pages_path) if config.total_pages_path else None
+        )
+        self._has_more = compile_path(config.has_more_path) if config.has_more_path else None
+
+    def first_request(self, base: PageRequest) -> PageRequest:
+        params: dict[str, Any] = {self.config.page_param: self.config.start_page}
+        if self.config.page_size_param and self.config.page_size:
+            params[self.config.page_size_param] = self.config.page_size
+        return base.with_params(**params)
+
+    def next_request(self, page: Page) -> PageRequest | None:
+        self.records_seen += len(page.records)
+        if not page.records and self.config.stop_on_empty:
+            return None
+        document = page.response.document
+        if self._has_more and _explicitly_false(self._has_more(document)):
+            return None
+        total = lenient_int(self._total(document)) if self._total else None
+        if total is not None and self.records_seen >= total:
+            return None
+        current = lenient_int(page.request.param(self.config.page_param))
+        if current is None:
+            current = self.config.start_page
+        total_pages = lenient_int(self._total_pages(document)) if self._total_pages else None
+        if total_pages is not None and current - self.config.start_page + 1 >= total_pages:
+            return None
+        return page.request.with_params(**{self.config.page_param: current + 1})
+
+
+class OffsetPaginator(_Counting):
+    """``?offset=N&limit=M``; the offset advances by the records received, so capped pages work."""
+
+    numbered = True
+
+    def __init__(self, config: OffsetPagination) -> None:
+        super().__init__()
+        self.config = config
+        self._total = compile_path(config.total_path) if config.total_path else None
+        self._has_more = compile_path(config.has_more_path) if config.has_more_path else None
+
+    def first_request(self, base: PageRequest) -> PageRequest:
+        return base.with_params(
+            **{
+                self.config.offset_param: self.config.start_offset,
+                self.config.limit_param: self.config.limit,
+            }
+        )
+
+    def next_request(self, page: Page) -> PageRequest | None:
+        received = len(page.records)
+        self.records_seen += received
+        if not received:
+            # An empty page ends an offset walk whatever stop_on_empty says: the offset would not
+            # move, so asking again could only return the same empty page.
+            return None
+        document = page.response.document
+        if self._has_more and _explicitly_false(self._has_more(document)):
+            return None
+        offset = lenient_int(page.request.param(self.config.offset_param))
+        if offset is None:
+            offset = self.config.start_offset
+        following = offset + received
+        total = lenient_int(self._total(document)) if self._total else None
+        if total is not None and following >= total:
+            return None
+        return page.request.with_params(**{self.config.offset_param: following})
+
+
+class CursorPaginator(_Counting):
+    """A token read from the body and sent back as a query parameter."""
+
+    def __init__(self, config: CursorPagination) -> None:
+        super().__init__()
+        self.config = config
+        self._cursor = compile_path(config.cursor_path)
+        self._has_more = compile_path(config.has_more_path) if config.has_more_path else None
+
+    def first_request(self, base: PageRequest) -> PageRequest:
+        return base
+
+    def next_request(self, page: Page) -> PageRequest | None:
+        self.records_seen += len(page.records)
+        if not page.records and self.config.stop_on_empty:
+            return None
+        document = page.response.document
+        has_more = lenient_bool(self._has_more(document)) if self._has_more else None
+        if has_more is False:
+            return None
+        cursor = self._cursor(document)
+        if cursor is MISSING or cursor is None or cursor == "":
+            if has_more is True:
+                raise PaginationError(
+                    f"{self.config.has_more_path} says there are more pages but "
+                    f"{self.config.cursor_path} holds no cursor"
+                )
+            return None
+        if isinstance(cursor, dict | list):
+            raise PaginationError(f"{self.config.cursor_path} is not a scalar cursor: {cursor!r}")
+        return page.request.with_params(**{self.config.cursor_param: cursor})
+
+
+class NextUrlPaginator(_Counting):
+    """The body names the next page's URL (absolute or relative to the page)."""
+
+    def __init__(self, config: NextUrlPagination) -> None:
+        super().__init__()
+        self.config = config
+        self._next = compile_path(config.next_url_path)
+        self._has_more = compile_path(config.has_more_path) if config.has_more_path else None
+
+    def first_request(self, base: PageRequest) -> PageRequest:
+        return base
+
+    def next_request(self, page: Page) -> PageRequest | None:
+        self.records_seen += len(page.records)
+        if not page.records and self.config.stop_on_empty:
+            return None
+        document = page.response.document
+        if self._has_more and _explicitly_false(self._has_more(document)):
+            return None
+        target = self._next(document)
+        if target is MISSING or target is None or (isinstance(target, str) and not target.strip()):
+            return None
+        if not isinstance(target, str):
+            raise PaginationError(f"{self.config.next_url_path} is not a URL: {target!r}")
+        # The next URL carries its own query string: drop our params so they cannot override it.
+        return PageRequest(urljoin(page.response.url, target.strip()))
+
+
+_LINK = re.compile(r"<([^>]*)>((?:\s*;\s*[^;,]*(?:=\s*(?:\"[^\"]*\"|[^;,]*))?)*)")
+_PARAM = re.compile(r";\s*([A-Za-z0-9!#$&+.^_`|~*-]+)\s*(?:=\s*(\"[^\"]*\"|[^;,]*))?")
+
+
+def parse_link_header(value: str) -> dict[str, str]:
+    """RFC 8288: map each relation type to its target URL (first one wins per rel)."""
+    relations: dict[str, str] = {}
+    for match in _LINK.finditer(value or ""):
+        target, parameters = match.group(1).strip(), match.group(2)
+        for name, raw in _PARAM.findall(parameters):
+            if name.lower() != "rel":
+                continue
+            for rel in raw.strip().strip('"').lower().split():
+                relations.setdefault(rel, target)
+    return relations
+
+
+class LinkHeaderPaginator(_Counting):
+    """Follows the ``Link`` header's ``rel="next"`` target, resolved against the page URL."""
+
+    def __init__(self, config: LinkHeaderPagination) -> None:
+        super().__init__()
+        self.config = config
+
+    def first_request(self, base: PageRequest) -> PageRequest:
+        return base
+
+    def next_request(self, page: Page) -> PageRequest | None:
+        self.records_seen += len(page.records)
+        if not page.records and self.config.stop_on_empty:
+            return None
+        target = parse_link_header(page.response.header("link") or "").get(self.config.rel)
+        if not target:
+            return None
+        return PageRequest(urljoin(page.response.url, target))
+
+
+class SinglePaginator(_Counting):
+    """One request, one page."""
+
+    def first_request(self, base: PageRequest) -> PageRequest:
+        return base
+
+    def next_request(self, page: Page) -> PageRequest | None:
+        self.records_seen += len(page.records)
+        return None
+
+
+def make_paginator(config: Pagination) -> Paginator:
+    """The paginator for an endpoint's ``[pagination]`` table."""
+    match config:
+        case PageNumberPagination():
+            return PageNumberPaginator(config)
+        case OffsetPagination():
+            return OffsetPaginator(config)
+        case CursorPagination():
+            return CursorPaginator(config)
+        case NextUrlPagination():
+            return NextUrlPaginator(config)
+        case LinkHeaderPagination():
+            return LinkHeaderPaginator(config)
+        case SinglePage():
+            return SinglePaginator()
+    raise AssertionError(f"unhandled pagination style {config!r}")

@@ -1,0 +1,97 @@
+"""Runs a command end to end: database pool, schema check, HTTP client, pipeline, signals.
+
+Signals: the first SIGINT/SIGTERM asks the pipeline to stop fetching; what is queued is written
+and checkpointed, then the run exits with the interrupted-resumable code. A second signal
+cancels at once; open transactions roll back, so the last committed checkpoint still holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterator
+
+import structlog
+
+from ingest.config import LoadedConfig
+from ingest.db import open_pool
+from ingest.errors import ConfigError, InterruptedRun
+from ingest.http.client import HttpClient
+from ingest.migrate import pending
+from ingest.pipeline import Pipeline, RunOptions, RunResult
+from ingest.secrets import Redactor
+
+log = structlog.get_logger("ingest.runner")
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    """First signal: graceful stop. Second: cancel the current task."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    installed: list[signal.Signals] = []
+
+    def handle(signum: signal.Signals) -> None:
+        if stop.is_set():
+            log.warning("second_signal_cancelling", signal=signum.name)
+            if task is not None:
+                task.cancel()
+            return
+        log.warning("signal_received_stopping", signal=signum.name)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, handle, signum)
+            installed.append(signum)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals
+            pass
+    try:
+        yield
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+
+
+async def run_source(
+    loaded: LoadedConfig,
+    dsn: str | None,
+    redactor: Redactor,
+    options: RunOptions,
+) -> RunResult:
+    """One run of one source; raises an IngestError (with its exit code) on failure."""
+    source = loaded.source
+    stop = options.stop or asyncio.Event()
+    options = RunOptions(
+        command=options.command,
+        endpoints=options.endpoints,
+        restart=options.restart,
+        max_dead_letters=options.max_dead_letters,
+        stop=stop,
+    )
+    pool_size = len(source.endpoints) * source.pipeline.consumers + 2
+    async with open_pool(dsn, size=pool_size) as pool:
+        async with pool.acquire() as connection:
+            missing = await pending(connection)
+        if missing:
+            raise ConfigError(
+                f"database schema is not up to date (pending: {', '.join(missing)}): "
+                "run `ingest migrate` first"
+            )
+        async with HttpClient(source, redactor) as http:
+            pipeline = Pipeline(loaded, pool, http, options=options, redact_url=redactor.url)
+            try:
+                with stop_on_signals(stop):
+                    result = await pipeline.run()
+            except asyncio.CancelledError:
+                raise InterruptedRun(
+                    "run cancelled by a second signal; the last committed checkpoint holds: "
+                    "rerun to resume"
+                ) from None
+    if result.interrupted:
+        raise InterruptedRun(
+            f"run {result.run_id} stopped by a signal after committing its checkpoint: "
+            "rerun to resume"
+        )
+    return result

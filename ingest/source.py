@@ -1,0 +1,145 @@
+"""The async generator that walks one endpoint, page by page, and yields its records.
+
+Each yielded :class:`FetchedPage` carries the checkpoint that resumes *after* it, so whoever
+commits the page's records can commit that checkpoint in the same transaction.
+
+Guards that apply to every pagination style live here, not in the paginators:
+
+* a next request that was already made in this walk stops the run with an error (loop guard);
+* for numbered styles (page, offset), a page identical to the previous one, or a 404 after the
+  first page, means the server ran past its end: the walk ends without writing the repeat.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from ingest.config import Endpoint
+from ingest.errors import PaginationError, SourceError
+from ingest.http.messages import HttpResponse, PageRequest
+from ingest.http.retry import HttpStatusError
+from ingest.paginate import Page, Paginator
+from ingest.paths import MISSING, compile_path
+
+log = structlog.get_logger("ingest.source")
+
+#: How many recent page requests the loop guard remembers (bounded memory on endless walks).
+LOOP_GUARD_WINDOW = 10_000
+
+
+class Fetcher(Protocol):
+    async def fetch(self, request: PageRequest, endpoint: str) -> HttpResponse: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedPage:
+    """One page's records and the checkpoint that resumes after it (``None``: walk finished)."""
+
+    number: int
+    records: Sequence[Any]
+    checkpoint: dict[str, Any] | None
+
+
+def start_request(base_url: str, endpoint: Endpoint) -> PageRequest:
+    path = endpoint.path if endpoint.path.startswith("/") else f"/{endpoint.path}"
+    return PageRequest(base_url + path).with_params(**endpoint.params)
+
+
+def checkpoint_for(request: PageRequest | None, paginator: Paginator) -> dict[str, Any] | None:
+    if request is None:
+        return None
+    return {"request": request.to_state(), "paginator": paginator.snapshot()}
+
+
+def resume_request(state: dict[str, Any], paginator: Paginator) -> PageRequest:
+    paginator.restore(dict(state.get("paginator", {})))
+    return PageRequest.from_state(state["request"])
+
+
+class _LoopGuard:
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.seen: OrderedDict[str, int] = OrderedDict()
+
+    def check(self, request: PageRequest, page_number: int, redact: Any) -> None:
+        key = request.key()
+        if key in self.seen:
+            raise PaginationError(
+                f"endpoint {self.endpoint}: next page reference repeats "
+                f"({redact(request.full_url())}, first requested as page {self.seen[key]}, "
+                f"again after page {page_number}); stopping instead of looping"
+            )
+        self.seen[key] = page_number
+        if len(self.seen) > LOOP_GUARD_WINDOW:
+            self.seen.popitem(last=False)
+
+
+def extract_records(document: Any, records_path: str, endpoint: str, url: str) -> list[Any]:
+    """The list of records in a page body; a missing path is an error, null is an empty page."""
+    value = compile_path(records_path)(document)
+    if value is MISSING:
+        keys = (
+            ", ".join(list(document)[:8]) if isinstance(document, dict) else type(document).__name__
+        )
+        raise SourceError(
+            f"endpoint {endpoint}: {url}: records_path {records_path!r} not found in the page "
+            f"(top-level keys: {keys}); check records_path"
+        )
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return value
+    if isinstance(value, dict):
+        return [value]
+    raise SourceError(
+        f"endpoint {endpoint}: {url}: records_path {records_path!r} holds a "
+        f"{type(value).__name__}, not a list of records"
+    )
+
+
+async def walk_endpoint(
+    endpoint: Endpoint,
+    fetcher: Fetcher,
+    paginator: Paginator,
+    first: PageRequest,
+    *,
+    resumed: bool = False,
+    redact_url: Any = str,
+) -> AsyncIterator[FetchedPage]:
+    """Yield every page from ``first`` on; the last page's checkpoint is ``None``."""
+    guard = _LoopGuard(endpoint.name)
+    request: PageRequest | None = first
+    previous_records: Sequence[Any] | None = None
+    number = 0
+    while request is not None:
+        guard.check(request, number, redact_url)
+        try:
+            response = await fetcher.fetch(request, endpoint.name)
+        except HttpStatusError as exc:
+            if exc.status == 404 and paginator.numbered and (number > 0 or resumed):
+                log.info("end_by_404", endpoint=endpoint.name, url=redact_url(request.full_url()))
+                yield FetchedPage(number + 1, [], None)
+                return
+            raise
+        records = extract_records(
+            response.document, endpoint.records_path, endpoint.name, redact_url(response.url)
+        )
+        number += 1
+        if (
+            paginator.numbered
+            and records
+            and previous_records is not None
+            and (records == previous_records)
+        ):
+            log.info("end_by_repeated_page", endpoint=endpoint.name, page=number)
+            yield FetchedPage(number, [], None)
+            return
+        following = paginator.next_request(Page(request, response, records))
+        yield FetchedPage(number, records, checkpoint_for(following, paginator))
+        previous_records = records
+        request = following

@@ -1,0 +1,162 @@
+"""ingest's own state in PostgreSQL: checkpoints, run records, dead letters, the per-source lock.
+
+All queries against the ``ingest`` schema live here. Functions that take a connection run inside
+the caller's transaction, so a checkpoint commits with the batch that reached it.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from ingest.db import Connection
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Where an endpoint's walk stands: the next request to make, or done."""
+
+    state: dict[str, Any] | None
+    done: bool
+    records: int
+    pages: int
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+async def load_checkpoint(
+    connection: Connection, source: str, endpoint: str, partition: str = ""
+) -> Checkpoint | None:
+    row = await connection.fetchrow(
+        "SELECT state, done, records, pages FROM ingest.checkpoints "
+        "WHERE source = $1 AND endpoint = $2 AND partition = $3",
+        source,
+        endpoint,
+        partition,
+    )
+    if row is None:
+        return None
+    state = orjson.loads(row["state"]) if row["state"] is not None else None
+    return Checkpoint(state, row["done"], row["records"], row["pages"])
+
+
+async def save_checkpoint(
+    connection: Connection,
+    *,
+    source: str,
+    endpoint: str,
+    checkpoint: Checkpoint,
+    run_id: uuid.UUID,
+    partition: str = "",
+) -> None:
+    await connection.execute(
+        "INSERT INTO ingest.checkpoints "
+        "(source, endpoint, partition, state, done, records, pages, run_id, updated_at) "
+        "VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, now()) "
+        "ON CONFLICT (source, endpoint, partition) DO UPDATE SET "
+        "state = EXCLUDED.state, done = EXCLUDED.done, records = EXCLUDED.records, "
+        "pages = EXCLUDED.pages, run_id = EXCLUDED.run_id, updated_at = now()",
+        source,
+        endpoint,
+        partition,
+        None if checkpoint.state is None else _json(checkpoint.state),
+        checkpoint.done,
+        checkpoint.records,
+        checkpoint.pages,
+        run_id,
+    )
+
+
+async def reset_checkpoint(
+    connection: Connection, source: str, endpoint: str, partition: str = ""
+) -> None:
+    await connection.execute(
+        "DELETE FROM ingest.checkpoints WHERE source = $1 AND endpoint = $2 AND partition = $3",
+        source,
+        endpoint,
+        partition,
+    )
+
+
+async def save_dead_letters(
+    connection: Connection,
+    *,
+    run_id: uuid.UUID,
+    source: str,
+    endpoint: str,
+    rejected: Sequence[tuple[Any, str]],
+) -> None:
+    if not rejected:
+        return
+    await connection.copy_records_to_table(
+        "dead_letters",
+        schema_name="ingest",
+        columns=["run_id", "source", "endpoint", "record", "error"],
+        records=[
+            (
+                run_id,
+                source,
+                endpoint,
+                orjson.dumps(record).decode().replace("\x00", "\\u0000"),
+                reason,
+            )
+            for record, reason in rejected
+        ],
+    )
+
+
+async def start_run(
+    connection: Connection, *, command: str, source: str, config_hash: str
+) -> uuid.UUID:
+    run_id = uuid.uuid4()
+    await connection.execute(
+        "INSERT INTO ingest.runs (run_id, command, source, config_hash, host) "
+        "VALUES ($1, $2, $3, $4, $5)",
+        run_id,
+        command,
+        source,
+        config_hash,
+        socket.gethostname(),
+    )
+    return run_id
+
+
+async def finish_run(
+    connection: Connection,
+    run_id: uuid.UUID,
+    *,
+    status: str,
+    endpoints: Mapping[str, Mapping[str, Any]],
+    error: str | None = None,
+) -> None:
+    await connection.execute(
+        "UPDATE ingest.runs SET finished_at = now(), status = $2, endpoints = $3::jsonb, "
+        "error = $4 WHERE run_id = $1",
+        run_id,
+        status,
+        _json(endpoints),
+        error,
+    )
+
+
+def lock_key(source: str) -> str:
+    return f"ingest:source:{source}"
+
+
+async def try_lock_source(connection: Connection, source: str) -> bool:
+    """A session-level advisory lock: one run per source at a time, released with the session."""
+    locked: bool = await connection.fetchval(
+        "SELECT pg_try_advisory_lock(hashtextextended($1, 0))", lock_key(source)
+    )
+    return locked
+
+
+async def unlock_source(connection: Connection, source: str) -> None:
+    await connection.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", lock_key(source))
