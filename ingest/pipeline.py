@@ -30,6 +30,7 @@ import structlog
 
 from ingest.config import Endpoint, LoadedConfig
 from ingest.errors import DeadLetterLimitError, IngestError, InterruptedRun, LockedError
+from ingest.events import NullObserver, RunObserver
 from ingest.http.messages import PageRequest
 from ingest.paginate import make_paginator
 from ingest.rows import RowBuilder
@@ -58,6 +59,7 @@ class RunOptions:
     restart: bool = False
     max_dead_letters: int | None = None
     stop: asyncio.Event | None = None
+    observer: RunObserver = field(default_factory=NullObserver)
 
 
 @dataclass(slots=True)
@@ -261,10 +263,17 @@ class Pipeline:
             resumed=stats.resumed,
             redact_url=self.redact_url,
         )
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._produce(state, pages), name=f"produce:{endpoint.name}")
-            for index in range(self.settings.consumers):
-                group.create_task(self._consume(state), name=f"consume:{endpoint.name}:{index}")
+        observer = self.options.observer
+        observer.endpoint_started(endpoint.name, resumed=stats.resumed, total=None)
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._produce(state, pages), name=f"produce:{endpoint.name}")
+                for index in range(self.settings.consumers):
+                    group.create_task(self._consume(state), name=f"consume:{endpoint.name}:{index}")
+        except BaseException:
+            observer.endpoint_finished(endpoint.name, ok=False)
+            raise
+        observer.endpoint_finished(endpoint.name, ok=not state.interrupted)
         if not state.interrupted:
             stats.finished = time.monotonic()
             log.info("endpoint_done", endpoint=endpoint.name, **stats.as_dict())
@@ -273,6 +282,9 @@ class Pipeline:
         try:
             async for page in pages:
                 await state.queue.put(page)
+                self.options.observer.page_fetched(
+                    state.endpoint.name, records=len(page.records), queue_depth=state.queue.qsize()
+                )
                 if self.options.stop is not None and self.options.stop.is_set():
                     state.interrupted = page.checkpoint is not None
                     break
@@ -360,6 +372,9 @@ class Pipeline:
         stats.pages += len(pages)
         stats.dead_letters += len(rejected)
         stats.batches += 1
+        self.options.observer.batch_committed(
+            endpoint.name, rows=len(rows), pages=len(pages), dead_letters=len(rejected)
+        )
         log.debug(
             "batch_committed",
             endpoint=endpoint.name,

@@ -69,6 +69,7 @@ async def run_source(
         restart=options.restart,
         max_dead_letters=options.max_dead_letters,
         stop=stop,
+        observer=options.observer,
     )
     pool_size = len(source.endpoints) * source.pipeline.consumers + 2
     async with open_pool(dsn, size=pool_size) as pool:
@@ -79,7 +80,7 @@ async def run_source(
                 f"database schema is not up to date (pending: {', '.join(missing)}): "
                 "run `ingest migrate` first"
             )
-        async with HttpClient(source, redactor) as http:
+        async with HttpClient(source, redactor, observer=options.observer) as http:
             pipeline = Pipeline(loaded, pool, http, options=options, redact_url=redactor.url)
             try:
                 with stop_on_signals(stop):

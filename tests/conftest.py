@@ -29,7 +29,6 @@ import pytest
 from ingest.migrate import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE_DB = "ingest_test_template"
 
 
 def _docker_answers() -> bool:
@@ -88,7 +87,9 @@ def _local_cluster() -> Iterator[str]:
         try:
             yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
         finally:
-            subprocess.run([pg_ctl, "-D", data, "-m", "immediate", "stop"], capture_output=True)
+            subprocess.run(
+                [pg_ctl, "-D", data, "-m", "immediate", "stop"], check=False, capture_output=True
+            )
             shutil.rmtree(directory, ignore_errors=True)
         return
     warnings.filterwarnings("ignore", module="platformdirs")
@@ -123,20 +124,28 @@ def _with_database(dsn: str, database: str) -> str:
 
 
 @pytest.fixture(scope="session")
-async def template_database(postgres_server: str) -> str:
-    """A database with ingest's schema migrated once; tests clone it (fast) per test."""
+async def template_database(postgres_server: str) -> AsyncIterator[str]:
+    """A database with ingest's schema migrated once; tests clone it (fast) per test.
+
+    Its name is unique per session so test sessions can share one server.
+    """
+    template = f"ingest_template_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(postgres_server)
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
+        await admin.execute(f'CREATE DATABASE "{template}"')
     finally:
         await admin.close()
-    connection = await asyncpg.connect(_with_database(postgres_server, TEMPLATE_DB))
+    connection = await asyncpg.connect(_with_database(postgres_server, template))
     try:
         await migrate(connection)
     finally:
         await connection.close()
-    return TEMPLATE_DB
+    yield template
+    admin = await asyncpg.connect(postgres_server)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)')
+    finally:
+        await admin.close()
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from tenacity import (
 
 from ingest.config import HttpSettings, Source
 from ingest.errors import SourceError
+from ingest.events import NullObserver, RunObserver
 from ingest.http.messages import HttpResponse, PageRequest
 from ingest.http.retry import (
     RETRYABLE_STATUSES,
@@ -61,7 +62,9 @@ class HttpClient:
         redactor: Redactor,
         *,
         rng: random.Random | None = None,
+        observer: RunObserver | None = None,
     ) -> None:
+        self.observer: RunObserver = observer or NullObserver()
         self.source = source
         self.settings: HttpSettings = source.http
         self.redactor = redactor
@@ -157,6 +160,7 @@ class HttpClient:
         error = state.outcome.exception() if state.outcome else None
         reason = error.reason if isinstance(error, RetryableError) else "error"
         self.retries[reason] += 1
+        self.observer.retried(endpoint, reason=reason)
         log.warning(
             "retrying",
             endpoint=endpoint,
@@ -171,12 +175,16 @@ class HttpClient:
         assert self._session is not None, "HttpClient used outside 'async with'"
         async with self._slots:
             self.requests += 1
+            sent = time.monotonic()
             try:
                 async with self._session.get(url, headers=headers) as response:
                     body = await self._read_capped(response, url)
                     status = response.status
                     final_url = str(response.url)
                     response_headers = _flatten(response.headers)
+                self.observer.request_finished(
+                    endpoint, status=status, seconds=time.monotonic() - sent
+                )
             except TimeoutError as exc:
                 raise RetryableError(f"timed out ({type(exc).__name__})", "timeout") from None
             except aiohttp.ClientPayloadError as exc:
