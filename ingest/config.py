@@ -104,7 +104,9 @@ class PageNumberPagination(_Frozen):
     page_size_param: str | None = None
     page_size: int | None = Field(default=None, gt=0)
     total_path: str | None = None
+    total_header: str | None = None
     total_pages_path: str | None = None
+    total_pages_header: str | None = None
     has_more_path: str | None = None
     stop_on_empty: bool = True
 
@@ -118,6 +120,7 @@ class OffsetPagination(_Frozen):
     limit: int = Field(default=100, gt=0)
     start_offset: int = 0
     total_path: str | None = None
+    total_header: str | None = None
     has_more_path: str | None = None
     stop_on_empty: bool = True
 

@@ -13,7 +13,7 @@ that repeats, a page that repeats, and a 404 past the end of a numbered walk.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urljoin
@@ -65,6 +65,17 @@ def _explicitly_false(flag: Any) -> bool:
     return lenient_bool(flag) is False
 
 
+def _reported(page: Page, getter: Callable[[Any], Any] | None, header: str | None) -> int | None:
+    """A count the server reports in the body or a header; None when absent, empty or junk."""
+    if getter is not None:
+        value = lenient_int(getter(page.response.document))
+        if value is not None:
+            return value
+    if header:
+        return lenient_int(page.response.header(header))
+    return None
+
+
 class _Counting:
     """Shared bookkeeping: records seen so far, for "total reached" checks across resumes."""
 
@@ -107,13 +118,13 @@ class PageNumberPaginator(_Counting):
         document = page.response.document
         if self._has_more and _explicitly_false(self._has_more(document)):
             return None
-        total = lenient_int(self._total(document)) if self._total else None
+        total = _reported(page, self._total, self.config.total_header)
         if total is not None and self.records_seen >= total:
             return None
         current = lenient_int(page.request.param(self.config.page_param))
         if current is None:
             current = self.config.start_page
-        total_pages = lenient_int(self._total_pages(document)) if self._total_pages else None
+        total_pages = _reported(page, self._total_pages, self.config.total_pages_header)
         if total_pages is not None and current - self.config.start_page + 1 >= total_pages:
             return None
         return page.request.with_params(**{self.config.page_param: current + 1})
@@ -152,7 +163,7 @@ class OffsetPaginator(_Counting):
         if offset is None:
             offset = self.config.start_offset
         following = offset + received
-        total = lenient_int(self._total(document)) if self._total else None
+        total = _reported(page, self._total, self.config.total_header)
         if total is not None and following >= total:
             return None
         return page.request.with_params(**{self.config.offset_param: following})

@@ -112,3 +112,16 @@ def test_cursor_has_more_true_without_cursor_is_an_error() -> None:
     assert paginator.next_request(page(first, {"more": False, "next": "abc"}, [1])) is None
     following = paginator.next_request(page(first, {"next": 17}, [1]))
     assert following is not None and following.param("cursor") == "17"
+
+
+def test_total_from_header_ignores_empty_header() -> None:
+    config = PageNumberPagination(style="page_number", total_header="X-Total-Count")
+    paginator = PageNumberPaginator(config)
+    first = paginator.first_request(PageRequest("http://h/items"))
+
+    def with_header(value: str) -> Page:
+        response = HttpResponse("http://h/items", 200, {"x-total-count": value}, b"", [])
+        return Page(first, response, [1, 2])
+
+    assert paginator.next_request(with_header("")) is not None
+    assert paginator.next_request(with_header("4")) is None
