@@ -169,65 +169,66 @@ class OffsetPaginator(_Counting):
         return page.request.with_params(**{self.config.offset_param: following})
 
 
-class CursorPaginator(_Counting):
-    """A token read from the body and sent back as a query parameter."""
+class _BodyReference(_Counting):
+    """Styles whose body names the next page: a cursor token or a URL at a dotted path."""
 
-    def __init__(self, config: CursorPagination) -> None:
+    def __init__(self, reference_path: str, has_more_path: str | None, stop_on_empty: bool) -> None:
         super().__init__()
-        self.config = config
-        self._cursor = compile_path(config.cursor_path)
-        self._has_more = compile_path(config.has_more_path) if config.has_more_path else None
+        self.reference_path = reference_path
+        self.has_more_path = has_more_path
+        self.stop_on_empty = stop_on_empty
+        self._reference = compile_path(reference_path)
+        self._has_more = compile_path(has_more_path) if has_more_path else None
 
     def first_request(self, base: PageRequest) -> PageRequest:
         return base
 
     def next_request(self, page: Page) -> PageRequest | None:
         self.records_seen += len(page.records)
-        if not page.records and self.config.stop_on_empty:
+        if not page.records and self.stop_on_empty:
             return None
         document = page.response.document
         has_more = lenient_bool(self._has_more(document)) if self._has_more else None
         if has_more is False:
             return None
-        cursor = self._cursor(document)
-        if cursor is MISSING or cursor is None or cursor == "":
+        reference = self._reference(document)
+        if reference is MISSING or reference is None or str(reference).strip() == "":
             if has_more is True:
                 raise PaginationError(
-                    f"{self.config.has_more_path} says there are more pages but "
-                    f"{self.config.cursor_path} holds no cursor"
+                    f"{self.has_more_path} says there are more pages but "
+                    f"{self.reference_path} is empty"
                 )
             return None
-        if isinstance(cursor, dict | list):
-            raise PaginationError(f"{self.config.cursor_path} is not a scalar cursor: {cursor!r}")
-        return page.request.with_params(**{self.config.cursor_param: cursor})
+        if isinstance(reference, dict | list | bool):
+            raise PaginationError(f"{self.reference_path} is not a usable reference: {reference!r}")
+        return self.follow(page, reference)
+
+    def follow(self, page: Page, reference: Any) -> PageRequest:
+        raise NotImplementedError
 
 
-class NextUrlPaginator(_Counting):
+class CursorPaginator(_BodyReference):
+    """A token read from the body and sent back as a query parameter."""
+
+    def __init__(self, config: CursorPagination) -> None:
+        super().__init__(config.cursor_path, config.has_more_path, config.stop_on_empty)
+        self.config = config
+
+    def follow(self, page: Page, reference: Any) -> PageRequest:
+        return page.request.with_params(**{self.config.cursor_param: reference})
+
+
+class NextUrlPaginator(_BodyReference):
     """The body names the next page's URL (absolute or relative to the page)."""
 
     def __init__(self, config: NextUrlPagination) -> None:
-        super().__init__()
-        self.config = config
-        self._next = compile_path(config.next_url_path)
-        self._has_more = compile_path(config.has_more_path) if config.has_more_path else None
+        super().__init__(config.next_url_path, config.has_more_path, config.stop_on_empty)
 
-    def first_request(self, base: PageRequest) -> PageRequest:
-        return base
-
-    def next_request(self, page: Page) -> PageRequest | None:
-        self.records_seen += len(page.records)
-        if not page.records and self.config.stop_on_empty:
-            return None
-        document = page.response.document
-        if self._has_more and _explicitly_false(self._has_more(document)):
-            return None
-        target = self._next(document)
-        if target is MISSING or target is None or (isinstance(target, str) and not target.strip()):
-            return None
-        if not isinstance(target, str):
-            raise PaginationError(f"{self.config.next_url_path} is not a URL: {target!r}")
+    def follow(self, page: Page, reference: Any) -> PageRequest:
+        if not isinstance(reference, str):
+            raise PaginationError(f"{self.reference_path} is not a URL: {reference!r}")
         # The next URL carries its own query string: drop our params so they cannot override it.
-        return PageRequest(urljoin(page.response.url, target.strip()))
+        return PageRequest(urljoin(page.response.url, reference.strip()))
 
 
 _LINK = re.compile(r"<([^>]*)>((?:\s*;\s*[^;,]*(?:=\s*(?:\"[^\"]*\"|[^;,]*))?)*)")

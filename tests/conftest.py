@@ -148,42 +148,40 @@ async def template_database(postgres_server: str) -> AsyncIterator[str]:
         await admin.close()
 
 
-@pytest.fixture
-async def database(postgres_server: str, template_database: str) -> AsyncIterator[str]:
-    """A fresh, migrated database for one test; dropped afterwards. Yields its DSN."""
-    name = f"ingest_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(postgres_server)
+@contextlib.asynccontextmanager
+async def _fresh_database(
+    server: str, prefix: str, template: str | None = None
+) -> AsyncIterator[str]:
+    """Create a uniquely named database (optionally cloned from ``template``); drop it after."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    clause = f' TEMPLATE "{template}"' if template else ""
+    admin = await asyncpg.connect(server)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+        await admin.execute(f'CREATE DATABASE "{name}"{clause}')
     finally:
         await admin.close()
     try:
-        yield _with_database(postgres_server, name)
+        yield _with_database(server, name)
     finally:
-        admin = await asyncpg.connect(postgres_server)
+        admin = await asyncpg.connect(server)
         try:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+@pytest.fixture
+async def database(postgres_server: str, template_database: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for one test; dropped afterwards. Yields its DSN."""
+    async with _fresh_database(postgres_server, "ingest_test", template_database) as dsn:
+        yield dsn
 
 
 @pytest.fixture
 async def empty_database(postgres_server: str) -> AsyncIterator[str]:
     """A fresh database without ingest's schema (for migration tests)."""
-    name = f"ingest_empty_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(postgres_server)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield _with_database(postgres_server, name)
-    finally:
-        admin = await asyncpg.connect(postgres_server)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+    async with _fresh_database(postgres_server, "ingest_empty") as dsn:
+        yield dsn
 
 
 @pytest.fixture

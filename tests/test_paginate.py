@@ -107,7 +107,7 @@ def test_cursor_has_more_true_without_cursor_is_an_error() -> None:
         CursorPagination(style="cursor", cursor_path="next", has_more_path="more")
     )
     first = paginator.first_request(PageRequest("http://h/items"))
-    with pytest.raises(PaginationError, match="says there are more pages"):
+    with pytest.raises(PaginationError, match="says there are more pages but next is empty"):
         paginator.next_request(page(first, {"more": True, "next": ""}, [1]))
     assert paginator.next_request(page(first, {"more": False, "next": "abc"}, [1])) is None
     following = paginator.next_request(page(first, {"next": 17}, [1]))
