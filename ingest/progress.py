@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 from rich.console import Console
@@ -56,6 +56,9 @@ class EndpointProgress:
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     ok: bool | None = None
+    #: The log context bound where the endpoint started (run_id, source, endpoint), so events
+    #: emitted from elsewhere (the progress ticker) carry the same identifiers.
+    context: dict[str, Any] = field(default_factory=dict)
 
     def seconds(self, now: float | None = None) -> float:
         return (self.finished or now or time.monotonic()) - self.started
@@ -79,7 +82,9 @@ class ProgressTracker(NullObserver):
         self.endpoints: dict[str, EndpointProgress] = {}
 
     def endpoint_started(self, endpoint: str, *, resumed: bool, total: int | None) -> None:
-        self.endpoints[endpoint] = EndpointProgress(resumed=resumed, total=total)
+        self.endpoints[endpoint] = EndpointProgress(
+            resumed=resumed, total=total, context=structlog.contextvars.get_contextvars()
+        )
 
     def _get(self, endpoint: str) -> EndpointProgress:
         return self.endpoints.setdefault(endpoint, EndpointProgress())
@@ -118,7 +123,7 @@ class LogProgress(ProgressTracker):
             eta = progress.eta(now)
             log.info(
                 "progress",
-                endpoint=name,
+                **{**progress.context, "endpoint": name},
                 pages=progress.pages,
                 records=progress.records,
                 records_per_second=round(progress.rate(now), 1),
@@ -136,9 +141,10 @@ class LogProgress(ProgressTracker):
 
 
 class _RateColumn(ProgressColumn):
+    """Committed records per second since the endpoint started (steadier than a window)."""
+
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed or 0:,.0f} rec/s", style="progress.data.speed")
+        return Text(f"{task.fields.get('rate', 0.0):,.0f} rec/s", style="progress.data.speed")
 
 
 class _EtaColumn(ProgressColumn):
@@ -195,6 +201,7 @@ class BarProgress(ProgressTracker):
             pages=progress.pages,
             retries=progress.retries,
             dead=progress.dead_letters,
+            rate=progress.rate(),
         )
 
     def page_fetched(self, endpoint: str, *, records: int, queue_depth: int) -> None:

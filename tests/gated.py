@@ -51,6 +51,14 @@ def gated_app(
     return app
 
 
+async def wait_committed(db: Any, records: int) -> None:
+    """Wait (30 s at most) until the endpoint's checkpoint covers ``records`` records."""
+    async with asyncio.timeout(30):
+        # Polling is the only way to see another connection's commits.
+        while await db.fetchval("SELECT records FROM ingest.checkpoints") != records:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+
 def gated_config(**overrides: Any) -> dict[str, Any]:
     """``make_config`` options matching :func:`gated_app`."""
     options: dict[str, Any] = {
@@ -63,4 +71,4 @@ def gated_config(**overrides: Any) -> dict[str, Any]:
     return options
 
 
-__all__ = ["HOLDING", "RELEASE", "REQUESTS", "gated_app", "gated_config"]
+__all__ = ["HOLDING", "RELEASE", "REQUESTS", "gated_app", "gated_config", "wait_committed"]

@@ -14,7 +14,7 @@ import pytest
 from ingest.errors import SourceError
 from ingest.status import collect_status, render_status
 from tests.conftest import PYTHON
-from tests.gated import RELEASE, gated_app, gated_config
+from tests.gated import RELEASE, gated_app, gated_config, wait_committed
 from tests.helpers import config_text, make_config, run
 from tests.servers import serve
 
@@ -25,13 +25,6 @@ HALF_DEAD_COLUMNS = {
     "name": {"path": "name", "type": "text"},
     "score": {"path": "score", "type": "integer"},  # 0.5, 1.5, ...: odd ids are dead letters
 }
-
-
-async def _committed(db: Connection, records: int) -> None:
-    """Wait (generously) until the checkpoint covers ``records`` records."""
-    async with asyncio.timeout(30):
-        while await db.fetchval("SELECT records FROM ingest.checkpoints") != records:
-            await asyncio.sleep(0.05)
 
 
 async def test_status_of_a_finished_run_shows_counts_retries_and_dead_letters(
@@ -85,7 +78,7 @@ async def test_status_of_a_failed_run_shows_the_error_and_where_it_will_resume(
         loaded = make_config(base, **gated_config())
         running = asyncio.create_task(run(loaded, database))
         try:
-            await _committed(db, 20)  # pages 1-2 committed, then page 3 fails
+            await wait_committed(db, 20)  # pages 1-2 committed, then page 3 fails
         finally:
             app[RELEASE].set()
         with pytest.raises(SourceError, match="HTTP 400"):
@@ -118,7 +111,7 @@ async def test_status_of_a_run_in_progress_shows_it_running_with_records_so_far(
         loaded = make_config(base, **gated_config())
         running = asyncio.create_task(run(loaded, database))
         try:
-            await _committed(db, 20)
+            await wait_committed(db, 20)
             report = await collect_status(db, loaded)
         finally:
             app[RELEASE].set()
