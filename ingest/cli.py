@@ -23,7 +23,7 @@ from ingest.pipeline import RunOptions
 from ingest.report import summary_table
 from ingest.runner import run_source
 from ingest.secrets import Redactor
-from ingest.status import collect_status, render_status
+from ingest.status import collect_status, load_for_status, render_status
 from ingest.validate import validate
 
 
@@ -159,7 +159,7 @@ async def _run(args: argparse.Namespace, redactor: Redactor) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    loaded = load_config(args.config) if args.config else None
+    loaded = load_for_status(args.config) if args.config else None
     async with open_pool(resolve_dsn(args.dsn), size=1) as pool, pool.acquire() as connection:
         report = await collect_status(connection, loaded)
     print(report.to_json() if args.json else render_status(report))

@@ -13,8 +13,10 @@ several tables; nothing here writes.
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -25,6 +27,7 @@ from ingest.db import Connection
 from ingest.errors import ConfigError
 from ingest.secrets import REDACTED, SENSITIVE_PARAMS
 from ingest.state import lock_key
+from ingest.validate import check_config
 
 #: Partition states counted in the table, in display order.
 PARTITION_STATES = ("done", "pending", "leased")
@@ -86,6 +89,17 @@ class StatusReport:
     def to_json(self) -> str:
         """Machine-readable form (``ingest status --json``); times are ISO 8601 UTC."""
         return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2 | orjson.OPT_UTC_Z).decode()
+
+
+def load_for_status(path: str | Path, environ: Mapping[str, str] | None = None) -> LoadedConfig:
+    """A config for naming its source and endpoints; its ``${VAR}`` secrets need not be set.
+
+    An operator asking for status often lacks the job's credentials; they are not needed here.
+    """
+    check = check_config(path, os.environ if environ is None else environ)
+    if check.loaded is None:
+        raise ConfigError(str(check.problems[-1]))
+    return check.loaded
 
 
 async def collect_status(
