@@ -18,10 +18,13 @@ from ingest.db import embedded_postgres, has_database_settings, open_pool, resol
 from ingest.errors import ExitCode, IngestError
 from ingest.log import configure_logging
 from ingest.migrate import migrate
+from ingest.observe import ObserveOptions, observing
 from ingest.pipeline import RunOptions
 from ingest.report import summary_table
 from ingest.runner import run_source
 from ingest.secrets import Redactor
+from ingest.status import collect_status, load_for_status, render_status
+from ingest.validate import validate
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +39,46 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="auto: JSON lines when stdout is not a TTY, console otherwise",
     )
     parser.add_argument("--debug", action="store_true", help="print tracebacks on errors")
+
+
+def observe_options(parser: argparse.ArgumentParser) -> None:
+    """Progress and metrics flags, shared by every command that runs a pipeline."""
+    parser.add_argument(
+        "--progress",
+        default="auto",
+        choices=["auto", "bars", "log", "none"],
+        help="auto: live bars when stdout and stderr are terminals, else a log event "
+        "every --progress-interval seconds",
+    )
+    parser.add_argument(
+        "--progress-interval", type=float, default=30.0, metavar="SECONDS", help="(default 30)"
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port while the run lasts (0: any free port)",
+    )
+    parser.add_argument(
+        "--metrics-host", default="127.0.0.1", metavar="HOST", help="(default 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--metrics-textfile",
+        default=None,
+        metavar="PATH",
+        help="write final metrics here for node_exporter's textfile collector (*.prom)",
+    )
+
+
+def _observe(args: argparse.Namespace) -> ObserveOptions:
+    return ObserveOptions(
+        progress=args.progress,
+        progress_interval=args.progress_interval,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        metrics_textfile=args.metrics_textfile,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +105,28 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="fail the run when more than N records are dead-lettered",
     )
+    observe_options(run_cmd)
     _common(run_cmd)
+
+    status_cmd = commands.add_parser(
+        "status", help="last run, checkpoint, lag and dead letters per source and endpoint"
+    )
+    status_cmd.add_argument(
+        "config", nargs="?", help="only this source config (default: every source recorded)"
+    )
+    status_cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(status_cmd)
+
+    validate_cmd = commands.add_parser(
+        "validate",
+        help="check a config, its environment, one request per endpoint and the database; "
+        "writes nothing",
+    )
+    validate_cmd.add_argument("config", help="path to a source config (TOML)")
+    validate_cmd.add_argument(
+        "--timeout", type=float, default=10.0, metavar="SECONDS", help="per-check time limit"
+    )
+    _common(validate_cmd)
 
     demo_cmd = commands.add_parser(
         "demo", help="run the bundled demo API into PostgreSQL (embedded if no DSN is set)"
@@ -81,15 +145,40 @@ async def _migrate(dsn: str | None) -> int:
 
 async def _run(args: argparse.Namespace, redactor: Redactor) -> int:
     loaded = load_config(args.config)
-    options = RunOptions(
-        command="run",
-        endpoints=tuple(args.endpoint),
-        restart=args.restart,
-        max_dead_letters=args.max_dead_letters,
-    )
-    result = await run_source(loaded, resolve_dsn(args.dsn), redactor, options)
+    async with observing(loaded.source.name, _observe(args)) as observer:
+        options = RunOptions(
+            command="run",
+            endpoints=tuple(args.endpoint),
+            restart=args.restart,
+            max_dead_letters=args.max_dead_letters,
+            observer=observer,
+        )
+        result = await run_source(loaded, resolve_dsn(args.dsn), redactor, options)
     print(summary_table(result))
     return ExitCode.OK
+
+
+async def _status(args: argparse.Namespace) -> int:
+    loaded = load_for_status(args.config) if args.config else None
+    async with open_pool(resolve_dsn(args.dsn), size=1) as pool, pool.acquire() as connection:
+        report = await collect_status(connection, loaded)
+    print(report.to_json() if args.json else render_status(report))
+    return ExitCode.OK
+
+
+async def _validate(args: argparse.Namespace, redactor: Redactor) -> int:
+    dsn = resolve_dsn(args.dsn)
+    result = await validate(args.config, dsn, redactor, check_seconds=args.timeout)
+    for problem in result.problems:
+        print(problem)
+    if result.problems:
+        print(f"ingest: {len(result.problems)} problem(s) in {args.config}", file=sys.stderr)
+    else:
+        print(
+            f"ok: {args.config}: config valid, {result.endpoints_checked} endpoint(s) answered, "
+            "database reachable and migrated"
+        )
+    return int(result.exit_code)
 
 
 async def _demo(args: argparse.Namespace, redactor: Redactor, dsn: str | None) -> int:
@@ -127,6 +216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_migrate(resolve_dsn(args.dsn)))
         if args.command == "run":
             return asyncio.run(_run(args, redactor))
+        if args.command == "status":
+            return asyncio.run(_status(args))
+        if args.command == "validate":
+            return asyncio.run(_validate(args, redactor))
         if args.command == "demo":
             args.embedded = not has_database_settings(args.dsn)
             if not args.embedded:

@@ -212,7 +212,17 @@ class Pipeline:
         return RunResult(self.run_id, self.stats, retries, interrupted=interrupted)
 
     def _stats_dicts(self) -> dict[str, dict[str, Any]]:
-        return {name: stats.as_dict() for name, stats in self.stats.items()}
+        """Per-endpoint counts for ``ingest.runs.endpoints``, retries (by reason) included."""
+        retries: dict[str, Counter[str]] = getattr(self.fetcher, "retries_by_endpoint", {})
+        dicts = {}
+        for name, stats in self.stats.items():
+            by_reason = retries.get(name, Counter())
+            dicts[name] = {
+                **stats.as_dict(),
+                "retries": sum(by_reason.values()),
+                "retries_by_reason": dict(sorted(by_reason.items())),
+            }
+        return dicts
 
     async def _run_endpoints(self, endpoints: Sequence[Endpoint]) -> None:
         async with self.pool.acquire() as connection:
@@ -228,6 +238,9 @@ class Pipeline:
             raise _first_error(group_error) from None
 
     async def _run_endpoint(self, endpoint: Endpoint) -> None:
+        # This task runs in its own copy of the context, so the binding reaches exactly the
+        # log events of this endpoint's producer, consumers and HTTP requests.
+        structlog.contextvars.bind_contextvars(endpoint=endpoint.name)
         stats = self.stats.setdefault(endpoint.name, EndpointStats())
         paginator = make_paginator(endpoint.pagination)
         async with self.pool.acquire() as connection:

@@ -118,6 +118,8 @@ async def walk_endpoint(
     number = 0
     while request is not None:
         guard.check(request, number, redact_url)
+        # Bound in the producer's context: HTTP retry events name the page being fetched.
+        structlog.contextvars.bind_contextvars(page=number + 1)
         try:
             response = await fetcher.fetch(request, endpoint.name)
         except HttpStatusError as exc:

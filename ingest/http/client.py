@@ -69,6 +69,8 @@ class HttpClient:
         self.settings: HttpSettings = source.http
         self.redactor = redactor
         self.retries: Counter[str] = Counter()
+        #: Retries per endpoint and reason, for the per-endpoint counts in ``ingest.runs``.
+        self.retries_by_endpoint: dict[str, Counter[str]] = {}
         self.requests = 0
         self._origin = origin(source.base_url)
         self._public_headers = {
@@ -160,6 +162,7 @@ class HttpClient:
         error = state.outcome.exception() if state.outcome else None
         reason = error.reason if isinstance(error, RetryableError) else "error"
         self.retries[reason] += 1
+        self.retries_by_endpoint.setdefault(endpoint, Counter())[reason] += 1
         self.observer.retried(endpoint, reason=reason)
         log.warning(
             "retrying",
