@@ -262,6 +262,7 @@ class Pipeline:
             first,
             resumed=stats.resumed,
             redact_url=self.redact_url,
+            pages_ahead=self.source.pages_ahead(endpoint),
         )
         observer = self.options.observer
         observer.endpoint_started(endpoint.name, resumed=stats.resumed, total=None)
