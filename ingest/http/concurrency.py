@@ -137,5 +137,7 @@ class AdaptiveConcurrency:
         after = self.limit
         if after != before:
             self.changes.append((before, after, reason))
-            log.info("concurrency_changed", before=before, after=after, reason=reason)
+            # Cuts are news (the server pushed back); growth back to the bound is routine.
+            level = log.info if after < before else log.debug
+            level("concurrency_changed", before=before, after=after, reason=reason)
             self._wake()
