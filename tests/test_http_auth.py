@@ -69,9 +69,7 @@ class OAuthServer:
 
     async def items(self, request: web.Request) -> web.Response:
         token = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        rejecting = (
-            self.reject_all_after is not None and self.pages_served >= self.reject_all_after
-        )
+        rejecting = self.reject_all_after is not None and self.pages_served >= self.reject_all_after
         if token not in self.valid or rejecting:
             self.unauthorized += 1
             # A careless server echoing the credential back: it must not reach logs or errors.

@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 
 from ingest.report import summary_table
-from tests.fault_server import FaultServer, Faults
+from tests.fault_server import Faults, FaultServer
 from tests.helpers import make_config, run, table_rows
 from tests.servers import make_records, serve
 

@@ -124,9 +124,10 @@ async def test_allowed_foreign_host_is_followed_without_credentials(
 async def test_allow_hosts_entry_with_a_port_only_allows_that_port(
     database: str, db: asyncpg.Connection
 ) -> None:
-    foreign_seen: list[dict[str, str]] = []
-    async with serve_on(foreign_app(foreign_seen, make_records(2, start=11)), "127.0.0.2") as far:
-        async with serve_on(home_app([], make_records(1), far, False), "127.0.0.1") as base:
+    foreign = foreign_app([], make_records(2, start=11))
+    async with serve_on(foreign, "127.0.0.2") as far:
+        home = home_app([], make_records(1), far, False)
+        async with serve_on(home, "127.0.0.1") as base:
             with pytest.raises(SourceError, match="refusing to request"):
                 await run(_config(base, ["127.0.0.2:1"]), database)
             port = far.rsplit(":", 1)[1]

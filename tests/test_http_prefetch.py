@@ -108,9 +108,7 @@ async def test_known_total_caps_prefetch_so_no_request_goes_past_the_end(
         )
         await run(loaded, database)
     assert await ids(db) == list(range(1, 248))
-    assert sorted(int(request["query"]["page"]) for request in app[REQUESTS]) == list(
-        range(1, 14)
-    )
+    assert sorted(int(request["query"]["page"]) for request in app[REQUESTS]) == list(range(1, 14))
 
 
 async def test_offset_prefetch_recovers_from_a_server_that_caps_the_page_size(
