@@ -334,6 +334,12 @@ class Source(_Frozen):
             ]
         return found
 
+    def credential_params(self) -> frozenset[str]:
+        """Query parameters that carry credentials: never stored in checkpoints."""
+        if isinstance(self.auth, ApiKeyQueryAuth):
+            return frozenset({self.auth.param})
+        return frozenset()
+
     def pages_ahead(self, endpoint: Endpoint) -> int:
         return endpoint.pages_ahead or self.http.pages_ahead
 

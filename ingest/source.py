@@ -115,8 +115,13 @@ async def walk_endpoint(
     resumed: bool = False,
     redact_url: Any = str,
     pages_ahead: int = 1,
+    credential_params: frozenset[str] = frozenset(),
 ) -> AsyncIterator[FetchedPage]:
-    """Yield every page from ``first`` on; the last page's checkpoint is ``None``."""
+    """Yield every page from ``first`` on; the last page's checkpoint is ``None``.
+
+    ``credential_params`` are dropped from every next request (a server may echo an API key into
+    its next links); the HTTP client adds the credential back when sending.
+    """
     guard = _LoopGuard(endpoint.name)
     request: PageRequest | None = first
     previous_records: Sequence[Any] | None = None
@@ -149,6 +154,8 @@ async def walk_endpoint(
                 yield FetchedPage(number, [], None)
                 return
             following = paginator.next_request(Page(request, response, records))
+            if following is not None and credential_params:
+                following = following.without(credential_params)
             yield FetchedPage(number, records, checkpoint_for(following, paginator))
             previous_records = records
             request = following

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import itertools
 from pathlib import Path
@@ -12,7 +13,8 @@ import pytest
 from aiohttp import web
 
 from ingest.config import parse_config
-from ingest.errors import ConfigError, SourceError
+from ingest.errors import ConfigError, InterruptedRun, SourceError
+from ingest.events import NullObserver
 from ingest.secrets import Redactor
 from tests.helpers import config_text, ids, make_config, run
 from tests.http_support import captured_logs, database_text
@@ -275,3 +277,43 @@ def test_literal_secret_in_config_is_still_wrapped() -> None:
     )
     assert "literal-token-123" not in repr(loaded.source)
     assert [secret.reveal() for secret in loaded.source.secrets()] == ["literal-token-123"]
+
+
+async def test_api_key_echoed_into_next_links_is_never_stored_in_checkpoints(
+    database: str, db: asyncpg.Connection
+) -> None:
+    """A server that copies ``api_key`` into its next links; the run is stopped mid-way."""
+    records = make_records(30)
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.query.get("api_key", ""))
+        if request.query.get("api_key") != SECRET:
+            return json_response({"error": "bad key"}, status=403)
+        start = int(request.query.get("start", "0"))
+        following = start + 10
+        link = f"/items?start={following}&api_key={SECRET}" if following < 30 else None
+        return json_response({"data": records[start:following], "next": link})
+
+    app = web.Application()
+    app.router.add_get("/items", handler)
+    stop = asyncio.Event()
+
+    class StopAfterFirstPage(NullObserver):
+        def page_fetched(self, endpoint: str, *, records: int, queue_depth: int) -> None:
+            stop.set()
+
+    async with serve(app) as base:
+        text = config_text(
+            base, records_path="data", pagination={"style": "next_url", "next_url_path": "next"}
+        )
+        text += '[auth]\nstyle = "api_key_query"\nkey = "${TEST_SECRET}"\n'
+        loaded = parse_config(text, Path("auth.toml"), {"TEST_SECRET": SECRET})
+        with pytest.raises(InterruptedRun):
+            await run(loaded, database, stop=stop, observer=StopAfterFirstPage())
+        stored = await database_text(db)
+        assert "start=10" in stored  # the checkpoint is there, and without the key
+        assert SECRET not in stored
+        await run(loaded, database)
+    assert await ids(db) == list(range(1, 31))
+    assert seen == [SECRET] * 3

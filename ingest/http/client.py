@@ -112,6 +112,7 @@ class HttpClient:
     async def __aenter__(self) -> HttpClient:
         ssl_context: ssl.SSLContext | bool = True
         if not self.settings.verify_tls:
+            log.warning("tls_verification_disabled", source=self.source.name)
             ssl_context = False
         elif self.settings.ca_bundle:
             try:
@@ -223,15 +224,21 @@ class HttpClient:
     # -- retries ---------------------------------------------------------------------------------
 
     async def _retrying(
-        self, endpoint: str, url: str, attempt: Callable[[], Awaitable[HttpResponse]]
+        self,
+        endpoint: str,
+        url: str,
+        attempt: Callable[[], Awaitable[HttpResponse]],
+        *,
+        notify: bool = True,
     ) -> HttpResponse:
+        """Run ``attempt`` under the retry policy; ``notify``: tell the observer (pages only)."""
         started = time.monotonic()
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.settings.max_attempts)
             | stop_before_delay(self.settings.max_retry_seconds),
             wait=self._wait,
             retry=retry_if_exception_type(RetryableError),
-            before_sleep=lambda state: self._count_retry(state, endpoint, url),
+            before_sleep=lambda state: self._count_retry(state, endpoint, url, notify),
             reraise=True,
         )
         try:
@@ -258,11 +265,12 @@ class HttpClient:
         asked = error.wait_at_least if isinstance(error, RetryableError) else 0.0
         return max(backoff, asked)
 
-    def _count_retry(self, state: RetryCallState, endpoint: str, url: str) -> None:
+    def _count_retry(self, state: RetryCallState, endpoint: str, url: str, notify: bool) -> None:
         error = state.outcome.exception() if state.outcome else None
         reason = error.reason if isinstance(error, RetryableError) else "error"
         self.retries[reason] += 1
-        self.observer.retried(endpoint, reason=reason)
+        if notify:
+            self.observer.retried(endpoint, reason=reason)
         log.warning(
             "retrying",
             endpoint=endpoint,
@@ -289,9 +297,10 @@ class HttpClient:
             status, final_url, headers, body = await self._exchange(
                 method, url, endpoint, credentials, form=form, ticket=ticket
             )
-            self.observer.request_finished(
-                endpoint, status=status, seconds=time.monotonic() - ticket.started
-            )
+            if method == "GET":  # page requests; token requests are not an endpoint's
+                self.observer.request_finished(
+                    endpoint, status=status, seconds=time.monotonic() - ticket.started
+                )
             self._note_rate_headers(headers)
             if status in RETRYABLE_STATUSES:
                 wait = parse_retry_after(headers.get("retry-after"))
