@@ -375,6 +375,10 @@ class HttpClient:
                 raise RetryableError(
                     f"invalid HTTP response: {self.redactor(str(exc))}", "protocol"
                 ) from None
+            except aiohttp.InvalidURL:
+                raise SourceError(
+                    f"endpoint {endpoint}: not a valid URL: {self.redactor.url(current)}"
+                ) from None
             location = response_headers.get("location")
             if method != "GET" or status not in REDIRECT_STATUSES or not location:
                 return status, current, response_headers, body
