@@ -210,6 +210,7 @@ class HttpClient:
             what,
             url,
             lambda: self._attempt("POST", url, what, Credentials(dict(headers), {}), form),
+            notify=False,
         )
         return response.document
 
@@ -217,9 +218,7 @@ class HttpClient:
         try:
             return await self.post_form(url, headers, form, "auth")
         except HttpStatusError as exc:
-            raise SourceError(
-                f"auth: token request failed: {self.redactor(str(exc)).removeprefix('endpoint ')}"
-            ) from None
+            raise SourceError(f"auth: token request failed: {self.redactor(str(exc))}") from None
 
     # -- retries ---------------------------------------------------------------------------------
 
@@ -248,8 +247,9 @@ class HttpClient:
         except RetryableError as exc:
             seconds = time.monotonic() - started
             attempts = retrying.statistics.get("attempt_number", self.settings.max_attempts)
+            where = f"endpoint {endpoint}" if notify else "auth: token_url"
             raise SourceError(
-                f"endpoint {endpoint}: {self.redactor.url(url)}: gave up after {attempts} "
+                f"{where}: {self.redactor.url(url)}: gave up after {attempts} "
                 f"attempt(s) in {seconds:.1f}s: {self.redactor(str(exc))}"
             ) from None
         raise AssertionError("unreachable: tenacity either returns or raises")
