@@ -16,6 +16,7 @@ from ingest.config import parse_config
 from ingest.errors import ConfigError, InterruptedRun, SourceError
 from ingest.events import NullObserver
 from ingest.secrets import Redactor
+from tests.conftest import PYTHON
 from tests.helpers import config_text, ids, make_config, run
 from tests.http_support import captured_logs, database_text
 from tests.servers import json_response, make_records, serve
@@ -317,3 +318,40 @@ async def test_api_key_echoed_into_next_links_is_never_stored_in_checkpoints(
         await run(loaded, database)
     assert await ids(db) == list(range(1, 31))
     assert seen == [SECRET] * 3
+
+
+async def test_cli_stderr_names_the_401_in_one_line_and_shows_no_secret(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    server = OAuthServer(make_records(95), reject_all_after=3)
+    secret_file = tmp_path / "client_secret"
+    secret_file.write_text(CLIENT_SECRET + "\n")
+    async with serve(server.app) as base:
+        text = _oauth_config(base).replace(
+            'client_secret = "${TEST_CLIENT_SECRET}"', f'client_secret_file = "{secret_file}"'
+        )
+        config = tmp_path / "oauth.toml"
+        config.write_text(text)
+        process = await asyncio.create_subprocess_exec(
+            PYTHON,
+            "-m",
+            "ingest",
+            "run",
+            str(config),
+            "--log-level",
+            "debug",
+            "--log-format",
+            "json",
+            env=cli_env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await process.communicate()
+    assert process.returncode == 1
+    errors = stderr.decode().strip().splitlines()
+    assert errors[-1].startswith("ingest: error: endpoint items: http://127.0.0.1:")
+    assert errors[-1].endswith(
+        "HTTP 401 again after fetching a new OAuth2 token; check the client's grants and auth.scope"
+    )
+    assert any("unauthorized_refreshing_token" in line for line in errors)
+    _assert_no_secrets(stdout.decode() + stderr.decode(), [CLIENT_SECRET, *server.issued])
