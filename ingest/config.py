@@ -178,6 +178,8 @@ class Endpoint(_Frozen):
     records_path: str = ""
     pagination: Pagination = SinglePage(style="single")
     table: Table
+    #: Pages fetched ahead at once for page_number/offset styles; ``None``: ``http.pages_ahead``.
+    pages_ahead: int | None = Field(default=None, ge=1, le=64)
 
     @field_validator("name")
     @classmethod
@@ -186,7 +188,7 @@ class Endpoint(_Frozen):
 
 
 class HttpSettings(_Frozen):
-    """Per-source HTTP behaviour: timeouts and retries."""
+    """Per-source HTTP behaviour: timeouts, retries, rate and concurrency limits, prefetch."""
 
     connect_timeout: float = Field(default=10.0, gt=0)
     read_timeout: float = Field(default=60.0, gt=0)
@@ -199,6 +201,104 @@ class HttpSettings(_Frozen):
     max_response_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     verify_tls: bool = True
     ca_bundle: str | None = None
+    #: Token bucket over all requests of the source (retries included); ``None``: unlimited.
+    max_requests_per_second: float | None = Field(default=None, gt=0)
+    #: Bucket size: how many requests may go out at once after a quiet spell (default: 1 second's
+    #: worth, at least 1).
+    rate_limit_burst: int | None = Field(default=None, ge=1)
+    #: AIMD bounds: concurrency starts at ``max_concurrency``, halves on 429 or a latency spike,
+    #: grows by one per window of successes, never below ``min_concurrency``.
+    min_concurrency: int = Field(default=1, ge=1)
+    adaptive_concurrency: bool = True
+    latency_spike_factor: float = Field(default=4.0, gt=1)
+    decrease_factor: float = Field(default=0.5, gt=0, lt=1)
+    #: Rate-limit headers: seconds (or epoch) until the window resets, and requests left in it.
+    rate_limit_reset_header: str = "X-RateLimit-Reset"
+    rate_limit_remaining_header: str = "X-RateLimit-Remaining"
+    #: Hosts ("host" or "host:port") that next links and redirects may lead to. Requests to them
+    #: carry no credentials; any other foreign host is refused.
+    allow_hosts: tuple[str, ...] = ()
+    max_redirects: int = Field(default=10, ge=0)
+    #: Pages fetched ahead at once for page_number/offset styles (1: one page at a time).
+    pages_ahead: int = Field(default=1, ge=1, le=64)
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for host in value:
+            if not re.match(r"^[A-Za-z0-9.\-\[\]:]+$", host) or "/" in host:
+                raise ValueError(f"allow_hosts entry {host!r} must be a host or host:port")
+        return tuple(host.lower() for host in value)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> HttpSettings:
+        if self.min_concurrency > self.max_concurrency:
+            raise ValueError(
+                f"min_concurrency {self.min_concurrency} exceeds max_concurrency "
+                f"{self.max_concurrency}"
+            )
+        return self
+
+
+class BearerAuth(_Frozen):
+    """``Authorization: Bearer <token>``."""
+
+    style: Literal["bearer"]
+    token: Secret
+
+
+class ApiKeyHeaderAuth(_Frozen):
+    """An API key in a request header (``X-Api-Key`` by default)."""
+
+    style: Literal["api_key_header"]
+    header: str = "X-Api-Key"
+    key: Secret
+
+
+class ApiKeyQueryAuth(_Frozen):
+    """An API key in a query parameter (``api_key`` by default); redacted from logged URLs."""
+
+    style: Literal["api_key_query"]
+    param: str = "api_key"
+    key: Secret
+
+
+class BasicAuth(_Frozen):
+    """HTTP Basic: ``Authorization: Basic base64(username:password)``."""
+
+    style: Literal["basic"]
+    username: str
+    password: Secret
+
+
+class OAuth2ClientCredentials(_Frozen):
+    """OAuth 2.0 client credentials grant (RFC 6749 section 4.4); the token is cached."""
+
+    style: Literal["oauth2_client_credentials"]
+    token_url: str
+    client_id: str
+    client_secret: Secret
+    scope: str | None = None
+    audience: str | None = None
+    #: "basic": client id/secret in an Authorization header (RFC 6749's default); "body": form.
+    client_auth: Literal["basic", "body"] = "basic"
+    #: Refresh this many seconds before ``expires_in`` runs out.
+    refresh_margin_seconds: float = Field(default=60.0, ge=0)
+
+    @field_validator("token_url")
+    @classmethod
+    def _token_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"token_url {value!r} must start with http:// or https:// and a host")
+        return value
+
+
+Auth = Annotated[
+    BearerAuth | ApiKeyHeaderAuth | ApiKeyQueryAuth | BasicAuth | OAuth2ClientCredentials,
+    Field(discriminator="style"),
+]
+#: Fields of the [auth] table that hold credentials; each may also be given as ``<name>_file``.
+AUTH_SECRET_FIELDS = ("token", "key", "password", "client_secret")
 
 
 class PipelineSettings(_Frozen):
@@ -219,11 +319,32 @@ class Source(_Frozen):
     endpoints: tuple[Endpoint, ...]
     http: HttpSettings = HttpSettings()
     pipeline: PipelineSettings = PipelineSettings()
+    auth: Auth | None = None
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
         return check_identifier(value, "source name")
+
+    def secrets(self) -> list[Secret]:
+        """Every credential in the config, for the run's :class:`~ingest.secrets.Redactor`."""
+        found = [value for value in self.headers.values() if isinstance(value, Secret)]
+        if self.auth is not None:
+            found += [
+                value
+                for name in AUTH_SECRET_FIELDS
+                if isinstance(value := getattr(self.auth, name, None), Secret)
+            ]
+        return found
+
+    def credential_params(self) -> frozenset[str]:
+        """Query parameters that carry credentials: never stored in checkpoints."""
+        if isinstance(self.auth, ApiKeyQueryAuth):
+            return frozenset({self.auth.param})
+        return frozenset()
+
+    def pages_ahead(self, endpoint: Endpoint) -> int:
+        return endpoint.pages_ahead or self.http.pages_ahead
 
     @field_validator("base_url")
     @classmethod
@@ -290,12 +411,56 @@ def _resolve_headers(raw: Any, environ: Mapping[str, str], file: Path) -> dict[s
     return headers
 
 
+def _resolve_auth(raw: Any, environ: Mapping[str, str], file: Path) -> dict[str, Any]:
+    """Interpolate ``${VAR}`` in the [auth] table and read ``*_file`` secrets; wrap credentials.
+
+    Credential fields become :class:`Secret` whichever way they were given, so they are hidden
+    in ``repr`` and registered with the redactor; a file's trailing newline is dropped.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: auth: expected a table with style = ...")
+    resolved: dict[str, Any] = {}
+    for key, value in raw.items():
+        if not isinstance(value, str):
+            resolved[key] = value
+            continue
+        name = key
+        text, _ = _interpolate(value, environ, file, f"auth.{name}")
+        base = name.removesuffix("_file")
+        if name.endswith("_file") and base in AUTH_SECRET_FIELDS:
+            if base in raw:
+                raise ConfigError(f"{file}: auth.{name}: give either {base} or {name}, not both")
+            try:
+                text = Path(text).expanduser().read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                raise ConfigError(
+                    f"{file}: auth.{name}: cannot read secret file {text}: {exc.strerror}"
+                ) from None
+            if not text:
+                raise ConfigError(f"{file}: auth.{name}: secret file {value} is empty")
+            name = base
+        resolved[name] = Secret(text) if name in AUTH_SECRET_FIELDS else text
+    return resolved
+
+
 def _location(error: Any) -> str:
     parts: list[str] = []
     for item in error["loc"]:
         if isinstance(item, int):
             parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
-        elif item in {"page_number", "offset", "cursor", "next_url", "link_header", "single"}:
+        elif item in {
+            "page_number",
+            "offset",
+            "cursor",
+            "next_url",
+            "link_header",
+            "single",
+            "bearer",
+            "api_key_header",
+            "api_key_query",
+            "basic",
+            "oauth2_client_credentials",
+        }:
             continue  # pydantic's discriminated-union branch name, not a user field
         else:
             parts.append(str(item))
@@ -312,7 +477,7 @@ def parse_config(text: str, file: Path, environ: Mapping[str, str] | None = None
     source_table = document.get("source")
     if not isinstance(source_table, dict):
         raise ConfigError(f"{file}: missing [source] table (name, base_url, headers)")
-    unknown = sorted(set(document) - {"source", "endpoints", "http", "pipeline"})
+    unknown = sorted(set(document) - {"source", "endpoints", "http", "pipeline", "auth"})
     if unknown:
         raise ConfigError(f"{file}: unknown top-level key {unknown[0]!r}")
     data = dict(source_table)
@@ -323,6 +488,8 @@ def parse_config(text: str, file: Path, environ: Mapping[str, str] | None = None
     for section in ("http", "pipeline"):
         if section in document:
             data[section] = document[section]
+    if "auth" in document:
+        data["auth"] = _resolve_auth(document["auth"], environment, file)
     try:
         source = Source.model_validate(data)
     except ValidationError as exc:

@@ -104,6 +104,25 @@ class PageNumberPaginator(_Counting):
             compile_path(config.total_pages_path) if config.total_pages_path else None
         )
         self._has_more = compile_path(config.has_more_path) if config.has_more_path else None
+        # What the pages so far said about the end; only used to guess requests to prefetch.
+        self._known_total: int | None = None
+        self._known_pages: int | None = None
+        self._largest_page = config.page_size or 0
+
+    def predict(self, request: PageRequest, steps: int) -> PageRequest | None:
+        """Page ``current + steps``, unless a total seen so far puts it past the end."""
+        current = lenient_int(request.param(self.config.page_param))
+        target = (self.config.start_page if current is None else current) + steps
+        index = target - self.config.start_page
+        if self._known_pages is not None and index >= self._known_pages:
+            return None
+        if (
+            self._known_total is not None
+            and self._largest_page
+            and index * self._largest_page >= self._known_total
+        ):
+            return None
+        return request.with_params(**{self.config.page_param: target})
 
     def first_request(self, base: PageRequest) -> PageRequest:
         params: dict[str, Any] = {self.config.page_param: self.config.start_page}
@@ -113,18 +132,21 @@ class PageNumberPaginator(_Counting):
 
     def next_request(self, page: Page) -> PageRequest | None:
         self.records_seen += len(page.records)
+        self._largest_page = max(self._largest_page, len(page.records))
         if not page.records and self.config.stop_on_empty:
             return None
         document = page.response.document
         if self._has_more and _explicitly_false(self._has_more(document)):
             return None
         total = _reported(page, self._total, self.config.total_header)
+        self._known_total = total
         if total is not None and self.records_seen >= total:
             return None
         current = lenient_int(page.request.param(self.config.page_param))
         if current is None:
             current = self.config.start_page
         total_pages = _reported(page, self._total_pages, self.config.total_pages_header)
+        self._known_pages = total_pages
         if total_pages is not None and current - self.config.start_page + 1 >= total_pages:
             return None
         return page.request.with_params(**{self.config.page_param: current + 1})
@@ -140,6 +162,18 @@ class OffsetPaginator(_Counting):
         self.config = config
         self._total = compile_path(config.total_path) if config.total_path else None
         self._has_more = compile_path(config.has_more_path) if config.has_more_path else None
+        # Only used to guess requests to prefetch: the end, and how far a page moves the offset
+        # (the records a page actually held: a server may cap pages below ``limit``).
+        self._known_total: int | None = None
+        self._step = config.limit
+
+    def predict(self, request: PageRequest, steps: int) -> PageRequest | None:
+        """Offset ``current + steps * step``, unless a total seen so far puts it past the end."""
+        current = lenient_int(request.param(self.config.offset_param))
+        target = (self.config.start_offset if current is None else current) + steps * self._step
+        if self._known_total is not None and target >= self._known_total:
+            return None
+        return request.with_params(**{self.config.offset_param: target})
 
     def first_request(self, base: PageRequest) -> PageRequest:
         return base.with_params(
@@ -156,6 +190,7 @@ class OffsetPaginator(_Counting):
             # An empty page ends an offset walk whatever stop_on_empty says: the offset would not
             # move, so asking again could only return the same empty page.
             return None
+        self._step = received
         document = page.response.document
         if self._has_more and _explicitly_false(self._has_more(document)):
             return None
@@ -164,6 +199,7 @@ class OffsetPaginator(_Counting):
             offset = self.config.start_offset
         following = offset + received
         total = _reported(page, self._total, self.config.total_header)
+        self._known_total = total
         if total is not None and following >= total:
             return None
         return page.request.with_params(**{self.config.offset_param: following})

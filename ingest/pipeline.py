@@ -275,6 +275,8 @@ class Pipeline:
             first,
             resumed=stats.resumed,
             redact_url=self.redact_url,
+            pages_ahead=self.source.pages_ahead(endpoint),
+            credential_params=self.source.credential_params(),
         )
         observer = self.options.observer
         observer.endpoint_started(endpoint.name, resumed=stats.resumed, total=None)

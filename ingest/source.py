@@ -8,6 +8,9 @@ Guards that apply to every pagination style live here, not in the paginators:
 * a next request that was already made in this walk stops the run with an error (loop guard);
 * for numbered styles (page, offset), a page identical to the previous one, or a 404 after the
   first page, means the server ran past its end: the walk ends without writing the repeat.
+
+With ``pages_ahead > 1`` numbered styles fetch that many pages at once (:mod:`ingest.prefetch`);
+the walk below still takes them one by one, in order, so none of the above changes.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ingest.http.messages import HttpResponse, PageRequest
 from ingest.http.retry import HttpStatusError
 from ingest.paginate import Page, Paginator
 from ingest.paths import MISSING, compile_path
+from ingest.prefetch import Prefetcher
 
 log = structlog.get_logger("ingest.source")
 
@@ -110,38 +114,52 @@ async def walk_endpoint(
     *,
     resumed: bool = False,
     redact_url: Any = str,
+    pages_ahead: int = 1,
+    credential_params: frozenset[str] = frozenset(),
 ) -> AsyncIterator[FetchedPage]:
-    """Yield every page from ``first`` on; the last page's checkpoint is ``None``."""
+    """Yield every page from ``first`` on; the last page's checkpoint is ``None``.
+
+    ``credential_params`` are dropped from every next request (a server may echo an API key into
+    its next links); the HTTP client adds the credential back when sending.
+    """
     guard = _LoopGuard(endpoint.name)
     request: PageRequest | None = first
     previous_records: Sequence[Any] | None = None
     number = 0
-    while request is not None:
-        guard.check(request, number, redact_url)
-        # Bound in the producer's context: HTTP retry events name the page being fetched.
-        structlog.contextvars.bind_contextvars(page=number + 1)
-        try:
-            response = await fetcher.fetch(request, endpoint.name)
-        except HttpStatusError as exc:
-            if exc.status == 404 and paginator.numbered and (number > 0 or resumed):
-                log.info("end_by_404", endpoint=endpoint.name, url=redact_url(request.full_url()))
-                yield FetchedPage(number + 1, [], None)
+    ahead = Prefetcher(fetcher, endpoint.name, paginator, pages_ahead if paginator.numbered else 1)
+    try:
+        while request is not None:
+            guard.check(request, number, redact_url)
+            # Bound in the producer's context: HTTP retry events name the page being fetched.
+            structlog.contextvars.bind_contextvars(page=number + 1)
+            try:
+                response = await ahead.get(request)
+            except HttpStatusError as exc:
+                if exc.status == 404 and paginator.numbered and (number > 0 or resumed):
+                    log.info(
+                        "end_by_404", endpoint=endpoint.name, url=redact_url(request.full_url())
+                    )
+                    yield FetchedPage(number + 1, [], None)
+                    return
+                raise
+            records = extract_records(
+                response.document, endpoint.records_path, endpoint.name, redact_url(response.url)
+            )
+            number += 1
+            if (
+                paginator.numbered
+                and records
+                and previous_records is not None
+                and (records == previous_records)
+            ):
+                log.info("end_by_repeated_page", endpoint=endpoint.name, page=number)
+                yield FetchedPage(number, [], None)
                 return
-            raise
-        records = extract_records(
-            response.document, endpoint.records_path, endpoint.name, redact_url(response.url)
-        )
-        number += 1
-        if (
-            paginator.numbered
-            and records
-            and previous_records is not None
-            and (records == previous_records)
-        ):
-            log.info("end_by_repeated_page", endpoint=endpoint.name, page=number)
-            yield FetchedPage(number, [], None)
-            return
-        following = paginator.next_request(Page(request, response, records))
-        yield FetchedPage(number, records, checkpoint_for(following, paginator))
-        previous_records = records
-        request = following
+            following = paginator.next_request(Page(request, response, records))
+            if following is not None and credential_params:
+                following = following.without(credential_params)
+            yield FetchedPage(number, records, checkpoint_for(following, paginator))
+            previous_records = records
+            request = following
+    finally:
+        await ahead.close()

@@ -45,8 +45,12 @@ def make_records(count: int, *, start: int = 1) -> list[dict[str, Any]]:
     ]
 
 
-def json_response(body: Any, *, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(body), content_type="application/json", headers=headers)
+def json_response(
+    body: Any, *, headers: dict[str, str] | None = None, status: int = 200
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), content_type="application/json", headers=headers, status=status
+    )
 
 
 def _app(routes: dict[str, Handler]) -> web.Application:

@@ -77,7 +77,7 @@ async def test_validate_reports_a_missing_variable_and_an_unreachable_endpoint_o
         "INGEST_TEST_MISSING_TOKEN is not set (export INGEST_TEST_MISSING_TOKEN=... before running)"
     )
     assert lines[1].startswith("endpoint items: http://127.0.0.1:")
-    assert "/items?page=1: gave up after 1 attempts" in lines[1]
+    assert "/items?page=1: gave up after 1 attempt in" in lines[1]
     assert "connection failed" in lines[1]
     assert completed.stderr.strip().endswith(f"ingest: 2 problem(s) in {config}")
     assert await _snapshot(db) == before

@@ -27,6 +27,23 @@ class PageRequest:
                 merged[name] = _param_text(value)
         return PageRequest(self.url, tuple(merged.items()))
 
+    def without(self, names: frozenset[str]) -> PageRequest:
+        """This request minus the query parameters ``names``, in ``params`` and in the URL.
+
+        Used to keep credentials that travel in the query (``auth.style = "api_key_query"``) out
+        of next-page requests a server echoed them into, so checkpoints never store them; the
+        client adds the credential back when it sends the request.
+        """
+        parts = urlsplit(self.url)
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if not any(name in names for name, _ in [*pairs, *self.params]):
+            return self
+        query = urlencode([(name, value) for name, value in pairs if name not in names])
+        return PageRequest(
+            urlunsplit(parts._replace(query=query)),
+            tuple((name, value) for name, value in self.params if name not in names),
+        )
+
     def param(self, name: str) -> str | None:
         return dict(self.params).get(name)
 

@@ -7,6 +7,7 @@ between 0 and the capped exponential), and never shorter than what the server as
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -15,6 +16,11 @@ from email.utils import parsedate_to_datetime
 from ingest.errors import SourceError
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+#: Statuses meaning "too much load from you": they shrink the adaptive concurrency limit, and
+#: their rate-limit reset header pauses every request of the source.
+OVERLOAD_STATUSES = frozenset({429, 503})
+#: Epoch timestamps above this are milliseconds (year 33658 in seconds).
+EPOCH_MILLISECONDS = 1_000_000_000_000
 
 
 class RetryableError(SourceError):
@@ -40,9 +46,12 @@ def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -
         return None
     text = value.strip()
     try:
-        return max(0.0, float(text))
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        # "inf" or "nan" would sleep forever or compare false everywhere: ignore them.
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         moment = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
@@ -60,6 +69,10 @@ def parse_reset(value: str | None, now: Callable[[], float] = time.time) -> floa
         number = float(value.strip())
     except ValueError:
         return None
+    if not math.isfinite(number):
+        return None
+    if number > EPOCH_MILLISECONDS:
+        number /= 1000.0
     if number > 1_000_000_000:  # an epoch timestamp
         return max(0.0, number - now())
     return max(0.0, number)

@@ -1,0 +1,103 @@
+"""Fetching up to K pages ahead for numbered pagination styles, handed out strictly in order.
+
+Page-number and offset walks know (or can guess) the next requests before the current page
+arrives: page ``n + 1``, ``n + 2``...; offset ``o + step``, ``o + 2 * step``... A
+:class:`Prefetcher` keeps up to ``pages_ahead`` of those requests in flight, but the walker still
+asks for pages one at a time and in order, and the paginator still decides from each page what
+the real next request is. So:
+
+* the walker yields (and the checkpoint advances over) a contiguous prefix only;
+* every stop condition works as before (empty page, total reached, ``has_more`` false, 404 past
+  the end, a repeated page): speculative fetches past the end are simply discarded;
+* a wrong guess (a server that caps the page size, so offsets move by less than ``limit``)
+  costs wasted requests, never a wrong page: a request that is not the one the walker asks for
+  is cancelled and the right one is fetched;
+* memory is bounded by ``pages_ahead`` responses.
+
+Errors of speculative requests are kept until (and unless) the walker asks for that page: a 404
+two pages past the end is not an error, it is never asked for.
+
+With ``pages_ahead = 1`` it is a plain pass-through to the fetcher, exactly the serial walk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol, runtime_checkable
+
+import structlog
+
+from ingest.http.messages import HttpResponse, PageRequest
+
+log = structlog.get_logger("ingest.prefetch")
+
+
+class Fetcher(Protocol):
+    """What the prefetcher needs of the HTTP client (the same shape as the walker's)."""
+
+    async def fetch(self, request: PageRequest, endpoint: str) -> HttpResponse: ...
+
+
+@runtime_checkable
+class Predicting(Protocol):
+    """A paginator that can guess the request ``steps`` pages after ``request``."""
+
+    def predict(self, request: PageRequest, steps: int) -> PageRequest | None:
+        """The guessed request, or ``None`` when that page is known to be past the end."""
+
+
+def _retrieve(task: asyncio.Task[HttpResponse]) -> None:
+    """Mark a discarded task's outcome as seen, so asyncio does not log it as lost."""
+    if not task.cancelled():
+        task.exception()
+
+
+class Prefetcher:
+    """``await prefetcher.get(request)``: that page's response, with the next K-1 in flight."""
+
+    def __init__(
+        self, fetcher: Fetcher, endpoint: str, paginator: object, pages_ahead: int
+    ) -> None:
+        self.fetcher = fetcher
+        self.endpoint = endpoint
+        self.predictor = paginator if isinstance(paginator, Predicting) else None
+        self.pages_ahead = pages_ahead if self.predictor is not None else 1
+        self._inflight: dict[str, asyncio.Task[HttpResponse]] = {}
+        #: Requests started but then discarded (past the end or wrongly guessed).
+        self.discarded = 0
+
+    async def get(self, request: PageRequest) -> HttpResponse:
+        if self.pages_ahead <= 1 or self.predictor is None:
+            return await self.fetcher.fetch(request, self.endpoint)
+        wanted = [request]
+        for steps in range(1, self.pages_ahead):
+            guess = self.predictor.predict(request, steps)
+            if guess is None:
+                break
+            wanted.append(guess)
+        keys = [item.key() for item in wanted]
+        for key in [key for key in self._inflight if key not in keys]:
+            self._discard(key)
+        for key, item in zip(keys, wanted, strict=True):
+            if key not in self._inflight:
+                self._inflight[key] = asyncio.create_task(
+                    self.fetcher.fetch(item, self.endpoint), name=f"prefetch:{self.endpoint}"
+                )
+        task = self._inflight.pop(keys[0])
+        return await task
+
+    def _discard(self, key: str) -> None:
+        task = self._inflight.pop(key)
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        self.discarded += 1
+
+    async def close(self) -> None:
+        """Cancel whatever is still in flight (the walk ended or failed) and wait for it."""
+        tasks = list(self._inflight.values())
+        for key in list(self._inflight):
+            self._discard(key)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self.discarded:
+            log.debug("prefetch_discarded", endpoint=self.endpoint, requests=self.discarded)
