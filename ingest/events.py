@@ -15,6 +15,9 @@ class RunObserver(Protocol):
 
     def page_fetched(self, endpoint: str, *, records: int, queue_depth: int) -> None: ...
 
+    def total_known(self, endpoint: str, *, total: int) -> None:
+        """The server reported how many records this run has left to fetch (for an ETA)."""
+
     def request_finished(self, endpoint: str, *, status: int, seconds: float) -> None: ...
 
     def retried(self, endpoint: str, *, reason: str) -> None: ...
@@ -33,6 +36,9 @@ class NullObserver:
         pass
 
     def page_fetched(self, endpoint: str, *, records: int, queue_depth: int) -> None:
+        pass
+
+    def total_known(self, endpoint: str, *, total: int) -> None:
         pass
 
     def request_finished(self, endpoint: str, *, status: int, seconds: float) -> None:
@@ -61,6 +67,10 @@ class FanOut:
     def page_fetched(self, endpoint: str, *, records: int, queue_depth: int) -> None:
         for observer in self.observers:
             observer.page_fetched(endpoint, records=records, queue_depth=queue_depth)
+
+    def total_known(self, endpoint: str, *, total: int) -> None:
+        for observer in self.observers:
+            observer.total_known(endpoint, total=total)
 
     def request_finished(self, endpoint: str, *, status: int, seconds: float) -> None:
         for observer in self.observers:

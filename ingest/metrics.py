@@ -111,6 +111,9 @@ class RunMetrics:
         self.pages.labels(self.source, endpoint).inc()
         self.queue_depth.labels(self.source, endpoint).set(queue_depth)
 
+    def total_known(self, endpoint: str, *, total: int) -> None:
+        pass  # a total is a property of the source, not a rate worth scraping
+
     def request_finished(self, endpoint: str, *, status: int, seconds: float) -> None:
         self.latency.labels(self.source, endpoint).observe(seconds)
         self.responses.labels(self.source, endpoint, str(status)).inc()

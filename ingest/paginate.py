@@ -44,6 +44,9 @@ class Page:
 class Paginator(Protocol):
     """Turns one page into the next request."""
 
+    #: The record total the server reported, when it does (progress ETA, prefetch bounds).
+    reported_total: int | None
+
     #: True for styles where the page position is a number we compute (page, offset): a 404 or a
     #: repeated page past the end then means "no more data" rather than an error.
     numbered: bool
@@ -83,6 +86,8 @@ class _Counting:
 
     def __init__(self) -> None:
         self.records_seen = 0
+        # The record total the server last reported (body or header), if the style has one.
+        self.reported_total: int | None = None
 
     def snapshot(self) -> dict[str, Any]:
         return {"records_seen": self.records_seen}
@@ -105,7 +110,6 @@ class PageNumberPaginator(_Counting):
         )
         self._has_more = compile_path(config.has_more_path) if config.has_more_path else None
         # What the pages so far said about the end; only used to guess requests to prefetch.
-        self._known_total: int | None = None
         self._known_pages: int | None = None
         self._largest_page = config.page_size or 0
 
@@ -117,9 +121,9 @@ class PageNumberPaginator(_Counting):
         if self._known_pages is not None and index >= self._known_pages:
             return None
         if (
-            self._known_total is not None
+            self.reported_total is not None
             and self._largest_page
-            and index * self._largest_page >= self._known_total
+            and index * self._largest_page >= self.reported_total
         ):
             return None
         return request.with_params(**{self.config.page_param: target})
@@ -139,7 +143,7 @@ class PageNumberPaginator(_Counting):
         if self._has_more and _explicitly_false(self._has_more(document)):
             return None
         total = _reported(page, self._total, self.config.total_header)
-        self._known_total = total
+        self.reported_total = total
         if total is not None and self.records_seen >= total:
             return None
         current = lenient_int(page.request.param(self.config.page_param))
@@ -164,14 +168,14 @@ class OffsetPaginator(_Counting):
         self._has_more = compile_path(config.has_more_path) if config.has_more_path else None
         # Only used to guess requests to prefetch: the end, and how far a page moves the offset
         # (the records a page actually held: a server may cap pages below ``limit``).
-        self._known_total: int | None = None
+        self.reported_total: int | None = None
         self._step = config.limit
 
     def predict(self, request: PageRequest, steps: int) -> PageRequest | None:
         """Offset ``current + steps * step``, unless a total seen so far puts it past the end."""
         current = lenient_int(request.param(self.config.offset_param))
         target = (self.config.start_offset if current is None else current) + steps * self._step
-        if self._known_total is not None and target >= self._known_total:
+        if self.reported_total is not None and target >= self.reported_total:
             return None
         return request.with_params(**{self.config.offset_param: target})
 
@@ -199,7 +203,7 @@ class OffsetPaginator(_Counting):
             offset = self.config.start_offset
         following = offset + received
         total = _reported(page, self._total, self.config.total_header)
-        self._known_total = total
+        self.reported_total = total
         if total is not None and following >= total:
             return None
         return page.request.with_params(**{self.config.offset_param: following})

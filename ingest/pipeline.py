@@ -294,10 +294,18 @@ class Pipeline:
             log.info("endpoint_done", endpoint=endpoint.name, **stats.as_dict())
 
     async def _produce(self, state: _EndpointRun, pages: Any) -> None:
+        observer = self.options.observer
+        reported: int | None = None
         try:
             async for page in pages:
                 await state.queue.put(page)
-                self.options.observer.page_fetched(
+                if page.total is not None and page.total != reported:
+                    reported = page.total
+                    # This run's share: what earlier runs committed is not left to fetch.
+                    observer.total_known(
+                        state.endpoint.name, total=max(0, reported - state.base_records)
+                    )
+                observer.page_fetched(
                     state.endpoint.name, records=len(page.records), queue_depth=state.queue.qsize()
                 )
                 if self.options.stop is not None and self.options.stop.is_set():

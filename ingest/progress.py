@@ -94,6 +94,9 @@ class ProgressTracker(NullObserver):
         progress.pages += 1
         progress.fetched += records
 
+    def total_known(self, endpoint: str, *, total: int) -> None:
+        self._get(endpoint).total = total
+
     def retried(self, endpoint: str, *, reason: str) -> None:
         self._get(endpoint).retries += 1
 
@@ -211,6 +214,12 @@ class BarProgress(ProgressTracker):
     def retried(self, endpoint: str, *, reason: str) -> None:
         super().retried(endpoint, reason=reason)
         self._update(endpoint)
+
+    def total_known(self, endpoint: str, *, total: int) -> None:
+        super().total_known(endpoint, total=total)
+        task = self.tasks.get(endpoint)
+        if task is not None:
+            self.progress.update(task, total=total)
 
     def batch_committed(self, endpoint: str, *, rows: int, pages: int, dead_letters: int) -> None:
         super().batch_committed(endpoint, rows=rows, pages=pages, dead_letters=dead_letters)

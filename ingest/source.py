@@ -47,6 +47,7 @@ class FetchedPage:
     number: int
     records: Sequence[Any]
     checkpoint: dict[str, Any] | None
+    total: int | None = None  # the record total the server reported so far, if any
 
 
 def start_request(base_url: str, endpoint: Endpoint) -> PageRequest:
@@ -158,7 +159,9 @@ async def walk_endpoint(
             following = paginator.next_request(Page(request, response, records))
             if following is not None and credential_params:
                 following = following.without(credential_params)
-            yield FetchedPage(number, records, checkpoint_for(following, paginator))
+            yield FetchedPage(
+                number, records, checkpoint_for(following, paginator), paginator.reported_total
+            )
             previous_records = records
             request = following
     finally:

@@ -87,3 +87,26 @@ def test_eta_is_the_remaining_records_at_the_average_rate() -> None:
     assert progress.rate(now=10.0) == 5.0
     assert progress.eta(now=10.0) == 10.0
     assert EndpointProgress(total=None, records=50, started=0.0).eta(now=10.0) is None
+
+
+async def test_a_reported_total_reaches_the_observer_for_an_eta(database: str) -> None:
+    from ingest.events import NullObserver  # noqa: PLC0415
+    from tests.helpers import make_config, run  # noqa: PLC0415
+    from tests.servers import make_records, page_number_app, serve  # noqa: PLC0415
+
+    class Totals(NullObserver):
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, int]] = []
+
+        def total_known(self, endpoint: str, *, total: int) -> None:
+            self.seen.append((endpoint, total))
+
+    observer = Totals()
+    async with serve(page_number_app(make_records(45), total_as_string=True)) as base:
+        loaded = make_config(
+            base,
+            records_path="data.items",
+            pagination={"style": "page_number", "total_path": "meta.total"},
+        )
+        await run(loaded, database, observer=observer)
+    assert observer.seen == [("items", 45)]
