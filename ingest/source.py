@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import orjson
 import structlog
 
 from ingest.config import Endpoint
@@ -84,6 +85,33 @@ class _LoopGuard:
             self.seen.popitem(last=False)
 
 
+class _RepeatGuard:
+    """Spots a page whose records repeat an earlier page of this walk.
+
+    A fingerprint (count, first record, last record) is cheap and, for real data with keys,
+    as good as comparing whole pages. A bounded window of recent pages is remembered.
+    """
+
+    def __init__(self) -> None:
+        self.seen: OrderedDict[tuple[int, bytes, bytes], int] = OrderedDict()
+
+    def earlier(self, records: Sequence[Any], number: int) -> int | None:
+        """The page number ``records`` repeat, or None (and remember this page)."""
+        if not records:
+            return None
+        key = (
+            len(records),
+            orjson.dumps(records[0], option=orjson.OPT_SORT_KEYS),
+            orjson.dumps(records[-1], option=orjson.OPT_SORT_KEYS),
+        )
+        if key in self.seen:
+            return self.seen[key]
+        self.seen[key] = number
+        if len(self.seen) > LOOP_GUARD_WINDOW:
+            self.seen.popitem(last=False)
+        return None
+
+
 def extract_records(document: Any, records_path: str, endpoint: str, url: str) -> list[Any]:
     """The list of records in a page body; a missing path is an error, null is an empty page."""
     value = compile_path(records_path)(document)
@@ -124,8 +152,8 @@ async def walk_endpoint(
     its next links); the HTTP client adds the credential back when sending.
     """
     guard = _LoopGuard(endpoint.name)
+    repeats = _RepeatGuard()
     request: PageRequest | None = first
-    previous_records: Sequence[Any] | None = None
     number = 0
     ahead = Prefetcher(fetcher, endpoint.name, paginator, pages_ahead if paginator.numbered else 1)
     try:
@@ -147,13 +175,19 @@ async def walk_endpoint(
                 response.document, endpoint.records_path, endpoint.name, redact_url(response.url)
             )
             number += 1
-            if (
-                paginator.numbered
-                and records
-                and previous_records is not None
-                and (records == previous_records)
-            ):
-                log.info("end_by_repeated_page", endpoint=endpoint.name, page=number)
+            repeated = repeats.earlier(records, number)
+            if repeated is not None:
+                if not paginator.numbered:
+                    raise PaginationError(
+                        f"endpoint {endpoint.name}: page {number} "
+                        f"({redact_url(request.full_url())}) repeats the records of page "
+                        f"{repeated} although the request changed: the server may ignore the "
+                        "pagination parameter; stopping instead of writing them again"
+                    )
+                # A numbered walk past the server's end: it repeats the last (or first) page.
+                log.info(
+                    "end_by_repeated_page", endpoint=endpoint.name, page=number, repeats=repeated
+                )
                 yield FetchedPage(number, [], None)
                 return
             following = paginator.next_request(Page(request, response, records))
@@ -162,7 +196,6 @@ async def walk_endpoint(
             yield FetchedPage(
                 number, records, checkpoint_for(following, paginator), paginator.reported_total
             )
-            previous_records = records
             request = following
     finally:
         await ahead.close()

@@ -91,7 +91,7 @@ def page_number_app(
     past_end: str = "empty",
     wrap: bool = True,
 ) -> web.Application:
-    """``/items?page=N&per_page=M``; past the end: an empty page, a 404, or the last page again."""
+    """``/items?page=N&per_page=M``; past the end: empty, a 404, the last or the first page again."""
 
     async def handler(request: web.Request) -> web.Response:
         page = int(request.query.get("page", "1"))
@@ -104,6 +104,8 @@ def page_number_app(
                 raise web.HTTPNotFound(text="no such page")
             if past_end == "repeat":
                 page = last_page
+            if past_end == "first":
+                page = 1
         items = records[(page - 1) * size : page * size]
         if not wrap:
             return json_response(items)

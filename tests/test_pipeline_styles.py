@@ -62,7 +62,7 @@ async def test_page_size_cap_and_string_total_do_not_stop_early(
     assert await ids(db) == list(range(1, 96))
 
 
-@pytest.mark.parametrize("past_end", ["empty", "404", "repeat"])
+@pytest.mark.parametrize("past_end", ["empty", "404", "repeat", "first"])
 async def test_page_number_without_total_ends_on_empty_404_or_repeated_page(
     database: str, db: Connection, past_end: str
 ) -> None:
@@ -232,3 +232,21 @@ async def test_append_mode_writes_every_record(database: str, db: Connection) ->
         )
     }
     assert "_ingest_raw" not in columns
+
+
+async def test_cursor_the_server_ignores_is_caught_before_writing_a_repeat(
+    database: str, db: Connection
+) -> None:
+    records = make_records(40)
+    app = cursor_app(records, page_size=10)  # reads ?cursor=, we send ?after=
+    async with serve(app) as base:
+        loaded = make_config(
+            base,
+            records_path="items",
+            mode="append",
+            pagination={"style": "cursor", "cursor_path": "next_cursor", "cursor_param": "after"},
+        )
+        with pytest.raises(PaginationError, match="page 2 .* repeats the records of page 1"):
+            await run(loaded, database)
+    assert len(app[REQUESTS]) == 2
+    assert await ids(db) in ([], list(range(1, 11)))
