@@ -13,7 +13,7 @@ Guards that apply to every pagination style live here, not in the paginators:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,10 +43,14 @@ class FetchedPage:
     number: int
     records: Sequence[Any]
     checkpoint: dict[str, Any] | None
+    #: For a child endpoint: the parent row this page was fetched for (``$parent.`` columns).
+    parent: Mapping[str, Any] | None = None
 
 
-def start_request(base_url: str, endpoint: Endpoint) -> PageRequest:
-    path = endpoint.path if endpoint.path.startswith("/") else f"/{endpoint.path}"
+def start_request(base_url: str, endpoint: Endpoint, path: str | None = None) -> PageRequest:
+    """The endpoint's first URL and params; ``path`` overrides it (a child's filled path)."""
+    path = endpoint.path if path is None else path
+    path = path if path.startswith("/") else f"/{path}"
     return PageRequest(base_url + path).with_params(**endpoint.params)
 
 
@@ -110,7 +114,7 @@ async def walk_endpoint(
     *,
     resumed: bool = False,
     redact_url: Any = str,
-) -> AsyncIterator[FetchedPage]:
+) -> AsyncGenerator[FetchedPage, None]:
     """Yield every page from ``first`` on; the last page's checkpoint is ``None``."""
     guard = _LoopGuard(endpoint.name)
     request: PageRequest | None = first
