@@ -32,7 +32,6 @@ CREATE TABLE ingest.partitions (
     lease_owner       text,
     lease_expires_at  timestamptz,
     heartbeat_at      timestamptz,
-    records           bigint      NOT NULL DEFAULT 0,
     error             text,
     created_at        timestamptz NOT NULL DEFAULT now(),
     started_at        timestamptz,
