@@ -1,4 +1,4 @@
-"""Local sources for the resume tests: time-stamped records, windows, latency, parents/children.
+"""Local sources and configs for the resume tests: timed records, windows, latency, children.
 
 ``changes_app`` serves ``/events?since=&until=&page=&per_page=`` over a mutable list of records
 (tests change it between runs), each record carrying ``updated_at``; every request sleeps
@@ -91,3 +91,42 @@ def customers_app(customers: int, per_customer: int, *, page_size: int = 3) -> w
         return paged(customer_orders(customer, per_customer), request)
 
     return _app({"/customers": list_customers, "/customers/{id}/orders": list_orders})
+
+
+def events_config(
+    base_url: str,
+    *,
+    mode: str = "merge",
+    incremental: str = "",
+    per_page: int = 7,
+    batch_size: int = 20,
+    consumers: int = 2,
+    source: str = "shop",
+) -> str:
+    """A source with one ``/events`` endpoint (``changes_app``) into table ``events``."""
+    key = 'primary_key = ["id"]' if mode == "merge" else ""
+    return f"""
+[source]
+name = "{source}"
+base_url = "{base_url}"
+[pipeline]
+batch_size = {batch_size}
+consumers = {consumers}
+batch_seconds = 0.2
+[[endpoints]]
+name = "events"
+path = "/events"
+params = {{ per_page = {per_page} }}
+records_path = "items"
+pagination = {{ style = "page_number", has_more_path = "has_more" }}
+{incremental}
+[endpoints.table]
+name = "events"
+mode = "{mode}"
+{key}
+[endpoints.table.columns]
+id = {{ path = "id", type = "bigint" }}
+name = {{ path = "name" }}
+amount = {{ path = "amount", type = "bigint" }}
+updated_at = {{ path = "updated_at", type = "timestamptz" }}
+"""

@@ -12,39 +12,18 @@ from ingest.config import parse_config
 from ingest.cursor import CursorKind, parse_duration
 from ingest.errors import ConfigError
 from tests.helpers import run
-from tests.resume_servers import EPOCH, changes_app, customer_orders, customers_app, iso
+from tests.resume_servers import (
+    EPOCH,
+    changes_app,
+    customer_orders,
+    customers_app,
+    events_config,
+    iso,
+)
 from tests.resume_servers import timed_records as make_timed
 from tests.servers import REQUESTS, serve
 
 Connection = asyncpg.Connection
-
-
-def events_config(base_url: str, *, mode: str = "merge", incremental: str = "") -> str:
-    key = 'primary_key = ["id"]' if mode == "merge" else ""
-    return f"""
-[source]
-name = "shop"
-base_url = "{base_url}"
-[pipeline]
-batch_size = 20
-batch_seconds = 0.2
-[[endpoints]]
-name = "events"
-path = "/events"
-params = {{ per_page = 7 }}
-records_path = "items"
-pagination = {{ style = "page_number", has_more_path = "has_more" }}
-{incremental}
-[endpoints.table]
-name = "events"
-mode = "{mode}"
-{key}
-[endpoints.table.columns]
-id = {{ path = "id", type = "bigint" }}
-name = {{ path = "name" }}
-amount = {{ path = "amount", type = "bigint" }}
-updated_at = {{ path = "updated_at", type = "timestamptz" }}
-"""
 
 
 INCREMENTAL = """
