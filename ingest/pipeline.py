@@ -282,7 +282,10 @@ class Pipeline:
             except BaseExceptionGroup as group_error:
                 raise _first_error(group_error) from None
             if self.options.stop is not None and self.options.stop.is_set():
-                return  # children wait for the next run; their parents are not complete
+                # Children wait for the next run: counted as unfinished, so the run is resumable.
+                for endpoint in endpoints:
+                    self.stats.setdefault(endpoint.name, EndpointStats())
+                return
 
     async def _run_endpoint(self, endpoint: Endpoint, partition: Partition | None = None) -> None:
         stats = self.stats.setdefault(_stats_key(endpoint, partition), EndpointStats())

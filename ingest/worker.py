@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -183,6 +184,7 @@ class Worker:
                 finally:
                     beat.cancel()
         except BaseExceptionGroup as group_error:
+            self.pipeline.stats.pop(f"{endpoint.name}[{row.key}]", None)
             error = _first(group_error)
             if isinstance(error, LeaseLostError):
                 self.result.lost += 1
@@ -192,7 +194,7 @@ class Worker:
                 raise error from None
             await self._failed(row, error)
             return
-        self._count(endpoint, stats)
+        self._count(endpoint, row.key, stats)
         if stats.finished is None:
             self.result.interrupted += 1
             await self._release(row, None)
@@ -230,16 +232,15 @@ class Worker:
             if not kept:
                 raise LeaseLostError(f"partition {row.key}: lease lost")
 
-    def _count(self, endpoint: Endpoint, stats: EndpointStats) -> None:
+    def _count(self, endpoint: Endpoint, key: str, stats: EndpointStats) -> None:
         """Fold a partition's stats into the endpoint's totals (keeps run records small)."""
+        self.pipeline.stats.pop(f"{endpoint.name}[{key}]", None)
         totals = self.pipeline.stats.setdefault(endpoint.name, EndpointStats())
-        for key in [key for key in self.pipeline.stats if key.startswith(f"{endpoint.name}[")]:
-            done = self.pipeline.stats.pop(key)
-            totals.records += done.records
-            totals.pages += done.pages
-            totals.dead_letters += done.dead_letters
-            totals.batches += done.batches
-        totals.finished = totals.finished or asyncio.get_running_loop().time()
+        totals.records += stats.records
+        totals.pages += stats.pages
+        totals.dead_letters += stats.dead_letters
+        totals.batches += stats.batches
+        totals.finished = totals.finished or time.monotonic()
         self.result.records += stats.records
 
 
