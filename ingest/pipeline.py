@@ -198,6 +198,7 @@ class Pipeline:
         self.run_id = uuid.uuid4()
         self.stats: dict[str, EndpointStats] = {}
         self._dead_letters_total = 0
+        self._ensured: set[str] = set()
 
     def selected_endpoints(self) -> list[Endpoint]:
         if not self.options.endpoints:
@@ -260,8 +261,10 @@ class Pipeline:
         No source lock: partitions are made exclusive by their leases (see :mod:`ingest.leases`),
         so many workers can fill one source at once.
         """
-        async with self.pool.acquire() as connection:
-            await TableSink(endpoint.table).ensure(connection)
+        if endpoint.name not in self._ensured:
+            async with self.pool.acquire() as connection:
+                await TableSink(endpoint.table).ensure(connection)
+            self._ensured.add(endpoint.name)
         await self._run_endpoint(endpoint, partition)
         return self.stats[_stats_key(endpoint, partition)]
 
