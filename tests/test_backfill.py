@@ -65,7 +65,7 @@ def test_a_range_is_cut_into_windows_and_the_last_one_may_be_shorter() -> None:
     with pytest.raises(ConfigError, match="--window: duration 'weekly'"):
         plan_windows(endpoint, "2025-01-01", "2025-02-01", "weekly")
     plain = parse_config(events_config("http://127.0.0.1:1"), Path("e.toml"))
-    with pytest.raises(ConfigError, match="a backfill needs \\[endpoints.incremental\\]"):
+    with pytest.raises(ConfigError, match=r"a backfill needs \[endpoints\.incremental\]"):
         plan_windows(plain.source.endpoint("events"), "2025-01-01", "2025-02-01", "1d")
 
 
