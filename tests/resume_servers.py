@@ -72,7 +72,9 @@ def customer_orders(customer: int, per_customer: int) -> list[dict[str, Any]]:
     ]
 
 
-def customers_app(customers: int, per_customer: int, *, page_size: int = 3) -> web.Application:
+def customers_app(
+    customers: int, per_customer: int, *, page_size: int = 3, latency: float = 0.0
+) -> web.Application:
     """``/customers?page=N`` and ``/customers/{id}/orders?page=N`` (each paginated)."""
 
     def paged(items: list[dict[str, Any]], request: web.Request) -> web.Response:
@@ -85,6 +87,8 @@ def customers_app(customers: int, per_customer: int, *, page_size: int = 3) -> w
         return paged(people, request)
 
     async def list_orders(request: web.Request) -> web.Response:
+        if latency:
+            await asyncio.sleep(latency)
         customer = int(request.match_info["id"])
         if not 1 <= customer <= customers:
             raise web.HTTPNotFound()

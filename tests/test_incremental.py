@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from pathlib import Path
 
 import asyncpg
+import orjson
 import pytest
 
 from ingest.config import parse_config
 from ingest.cursor import CursorKind, parse_duration
-from ingest.errors import ConfigError
+from ingest.errors import ConfigError, InterruptedRun
 from tests.helpers import run
+from tests.processes import wait_until
 from tests.resume_servers import (
     EPOCH,
     changes_app,
@@ -178,6 +181,51 @@ async def test_child_endpoint_walks_every_parent_and_stores_the_parent_key(
     assert order_paths == {f"/customers/{index}/orders" for index in range(1, 12)}
     done = await db.fetchval("SELECT done FROM ingest.checkpoints WHERE endpoint = 'orders'")
     assert done is True
+
+
+async def test_interrupted_child_walk_resumes_inside_the_parent_it_stopped_in(
+    database: str, db: Connection
+) -> None:
+    app = customers_app(8, 7, page_size=3, latency=0.03)
+    stop = asyncio.Event()
+    async with serve(app) as base:
+        text = shop_config(base).replace("batch_size = 10", "batch_size = 3\nconsumers = 1")
+        loaded = parse_config(text, Path("shop.toml"))
+
+        async def inside_a_parent() -> bool:
+            state = await db.fetchval(
+                "SELECT state FROM ingest.checkpoints WHERE endpoint = 'orders' AND NOT done"
+            )
+            return state is not None and "request" in orjson.loads(state)
+
+        task = asyncio.create_task(run(loaded, database, stop=stop))
+        await wait_until(inside_a_parent, what="a checkpoint inside a parent's walk")
+        stop.set()
+        with pytest.raises(InterruptedRun):
+            await task
+        state = orjson.loads(
+            await db.fetchval("SELECT state FROM ingest.checkpoints WHERE endpoint = 'orders'")
+        )
+        app[REQUESTS].clear()
+        result = await run(loaded, database)
+    assert result.endpoints["orders"].resumed
+    wanted = sorted(
+        (order["order_id"], order["total"], customer)
+        for customer in range(1, 9)
+        for order in customer_orders(customer, 7)
+    )
+    got = await db.fetch("SELECT order_id, total, customer_id FROM orders ORDER BY order_id")
+    assert [tuple(row) for row in got] == wanted
+    # The rerun started inside the parent it stopped in, never again at parents before it.
+    first = next(r for r in app[REQUESTS] if r["path"].endswith("/orders"))
+    if "request" in state:
+        stopped_in = int(state["parent"][0])
+        assert first["path"] == f"/customers/{stopped_in}/orders"
+        assert first["query"]["page"] != "1"
+    else:
+        stopped_in = int(state["after"][0])
+    asked = {int(r["path"].split("/")[2]) for r in app[REQUESTS] if r["path"].endswith("orders")}
+    assert min(asked) >= stopped_in
 
 
 def test_child_reading_an_unknown_parent_column_is_a_config_error() -> None:
