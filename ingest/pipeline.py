@@ -601,13 +601,14 @@ async def _next_or_stop(
     try:
         await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        # Never leave the fetch running on its own, whether we stop or are cancelled ourselves.
         stopped.cancel()
-    if fetch.done():
-        return fetch.result()
-    fetch.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await fetch
-    return _STOPPED
+        if not fetch.done():
+            fetch.cancel()
+            await asyncio.wait({fetch})
+    if fetch.cancelled():
+        return _STOPPED
+    return fetch.result()
 
 
 def _larger(first: CursorValue | None, second: CursorValue | None) -> CursorValue | None:
