@@ -490,7 +490,7 @@ class Pipeline:
                 if merge and rows:
                     await state.sink.merge(connection)
                 if rejected:
-                    self._count_dead_letters(endpoint, len(rejected))
+                    self._count_dead_letters(state, len(rejected))
                     await save_dead_letters(
                         connection,
                         run_id=self.run_id,
@@ -575,12 +575,18 @@ class Pipeline:
                     run_id=self.run_id,
                 )
 
-    def _count_dead_letters(self, endpoint: Endpoint, count: int) -> None:
-        self._dead_letters_total += count
+    def _count_dead_letters(self, state: _EndpointRun, count: int) -> None:
+        """Enforce ``--max-dead-letters``: over the whole run, or per partition in a backfill."""
+        if state.partition is None:
+            self._dead_letters_total += count
+            total, where = self._dead_letters_total, f"endpoint {state.endpoint.name}"
+        else:
+            total = state.stats.dead_letters + count
+            where = f"endpoint {state.endpoint.name} partition {state.partition.key}"
         limit = self.options.max_dead_letters
-        if limit is not None and self._dead_letters_total > limit:
+        if limit is not None and total > limit:
             raise DeadLetterLimitError(
-                f"endpoint {endpoint.name}: {self._dead_letters_total} records failed conversion, "
+                f"{where}: {total} records failed conversion, "
                 f"more than --max-dead-letters {limit}; see ingest.dead_letters for reasons"
             )
 
