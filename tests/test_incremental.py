@@ -10,7 +10,7 @@ import asyncpg
 import orjson
 import pytest
 
-from ingest.config import parse_config
+from ingest.config import load_config, parse_config
 from ingest.cursor import CursorKind, parse_duration
 from ingest.errors import ConfigError, InterruptedRun
 from tests.helpers import run
@@ -232,3 +232,13 @@ def test_child_reading_an_unknown_parent_column_is_a_config_error() -> None:
     text = shop_config("http://127.0.0.1:1").replace("$parent.id", "$parent.region")
     with pytest.raises(ConfigError, match="parent column 'region' is not a column of customers"):
         parse_config(text, Path("shop.toml"))
+
+
+def test_the_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parent.parent / "config" / "shop.example.toml"
+    environ = {"SHOP_API_URL": "https://api.example.com/v1", "SHOP_API_TOKEN": "t0ken-value"}
+    loaded = load_config(example, environ)
+    orders = loaded.source.endpoint("orders")
+    assert orders.parent == "customers" and orders.parent_columns() == {"customer_id": "id"}
+    incremental = loaded.source.endpoint("customers").incremental
+    assert incremental is not None and incremental.end_param == "updated_before"
