@@ -42,12 +42,34 @@ def _moment(text: str | None) -> dt.datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
-def changes_app(records: list[dict[str, Any]], *, latency: float = 0.0) -> web.Application:
+class Valve:
+    """Holds requests while closed, so a test can catch a run in the middle of a fetch."""
+
+    def __init__(self) -> None:
+        self.opened = asyncio.Event()
+        self.opened.set()
+        self.waiting = 0
+
+    async def passage(self) -> None:
+        if self.opened.is_set():
+            return
+        self.waiting += 1
+        try:
+            await self.opened.wait()
+        finally:
+            self.waiting -= 1
+
+
+def changes_app(
+    records: list[dict[str, Any]], *, latency: float = 0.0, valve: Valve | None = None
+) -> web.Application:
     """``/events``: records with ``since <= updated_at < until``, ordered by id, page by page."""
 
     async def handler(request: web.Request) -> web.Response:
         if latency:
             await asyncio.sleep(latency)
+        if valve is not None:
+            await valve.passage()
         since = _moment(request.query.get("since"))
         until = _moment(request.query.get("until"))
         page = int(request.query.get("page", "1"))

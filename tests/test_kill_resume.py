@@ -21,7 +21,7 @@ from ingest.config import parse_config
 from ingest.errors import ExitCode, SinkError
 from tests.helpers import run
 from tests.processes import Cli, run_cli, spawn, wait_until
-from tests.resume_servers import changes_app, events_config, iso, timed_records
+from tests.resume_servers import Valve, changes_app, events_config, iso, timed_records
 from tests.servers import REQUESTS, serve
 
 Connection = asyncpg.Connection
@@ -90,6 +90,67 @@ async def test_sigkill_at_random_moments_then_resume_loses_and_duplicates_nothin
     assert sorted(statuses) == ["running"] * KILLS + ["succeeded"]
     high_water = await db.fetchval("SELECT value FROM ingest.cursors")
     assert high_water == records[-1]["updated_at"].replace("Z", "+00:00")
+
+
+async def blocked_on(db: Connection, table: str, mode: str) -> bool:
+    """Some backend asked for ``mode`` on ``table`` and waits: the test's lock holds it there."""
+    waiting = await db.fetchval(
+        "SELECT count(*) FROM pg_locks WHERE relation = $1::regclass AND mode = $2 AND NOT granted",
+        table,
+        mode,
+    )
+    return bool(waiting)
+
+
+@pytest.mark.parametrize("mode", ["append", "merge"])
+async def test_sigkill_in_each_phase_of_a_batch_then_resume_is_exact(
+    cli_env: dict[str, str], db: Connection, tmp_path: Path, mode: str
+) -> None:
+    """Deterministic kills: mid-fetch, mid-COPY (merge: mid-upsert), between COPY and commit.
+
+    Locks taken by the test hold the run at each point: a SHARE lock on the target table stops
+    the COPY (append) or the upsert (merge) inside the batch transaction; an EXCLUSIVE lock on
+    ``ingest.checkpoints`` stops the transaction after its rows are written, just before commit.
+    """
+    records = timed_records(400, every=dt.timedelta(minutes=1))
+    valve = Valve()
+    app = changes_app(records, latency=0.01, valve=valve)
+    async with serve(app) as base:
+        config = tmp_path / "events.toml"
+        config.write_text(events_config(base, mode=mode, per_page=10, batch_size=20))
+        phases = ["fetch", "copy", "before_commit"]
+        for index, phase in enumerate(phases):
+            before = await committed(db)
+            cli = await spawn(["run", str(config)], cli_env, tmp_path, f"{phase}{index}")
+
+            async def moved_on(before: int = before) -> bool:
+                return await committed(db) > before
+
+            await wait_until(moved_on, 60, "a commit by this run")
+            if phase == "fetch":
+                valve.opened.clear()
+
+                async def held() -> bool:
+                    return valve.waiting > 0
+
+                await wait_until(held, what="a fetch held by the server")
+                await cli.kill()
+                valve.opened.set()
+                continue
+            target, lock = (
+                ("events", "SHARE") if phase == "copy" else ("ingest.checkpoints", "EXCLUSIVE")
+            )
+            async with db.transaction():
+                await db.execute(f"LOCK TABLE {target} IN {lock} MODE")
+
+                async def stuck(target: str = target) -> bool:
+                    return await blocked_on(db, target, "RowExclusiveLock")
+
+                await wait_until(stuck, what=f"the batch transaction to wait on {target}")
+                await cli.kill()
+        code, output = await run_cli(["run", str(config)], cli_env, tmp_path, "final")
+        assert code == ExitCode.OK, output
+    assert await table(db) == source(records)
 
 
 async def test_backend_killed_mid_copy_fails_clearly_and_the_next_run_is_exact(
