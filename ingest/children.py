@@ -20,6 +20,7 @@ import asyncpg
 import structlog
 
 from ingest.config import PATH_PLACEHOLDER, Endpoint
+from ingest.errors import SourceError
 from ingest.paginate import make_paginator
 from ingest.sink import quote
 from ingest.source import FetchedPage, Fetcher, resume_request, start_request, walk_endpoint
@@ -35,6 +36,8 @@ class ParentRows:
 
     def __init__(self, parent: Endpoint, child: Endpoint) -> None:
         table = parent.table
+        self.child, self.parent = child.name, parent.name
+        self.table = f"{table.schema_}.{table.name}"
         self.placeholders = tuple(dict.fromkeys(PATH_PLACEHOLDER.findall(child.path)))
         self.keys = table.primary_key or tuple(
             sorted({*self.placeholders, *child.parent_columns().values()})
@@ -59,11 +62,15 @@ class ParentRows:
     async def fetch(
         self, pool: asyncpg.Pool, key: list[str] | None, *, inclusive: bool
     ) -> list[asyncpg.Record]:
-        async with pool.acquire() as connection:
-            if key is None:
-                return list(await connection.fetch(self.first_sql))
-            sql = self.from_sql if inclusive else self.after_sql
-            return list(await connection.fetch(sql, *key))
+        sql = self.first_sql if key is None else self.from_sql if inclusive else self.after_sql
+        try:
+            async with pool.acquire() as connection:
+                return list(await connection.fetch(sql, *(key or ())))
+        except asyncpg.UndefinedTableError:
+            raise SourceError(
+                f"endpoint {self.child}: the table of its parent {self.parent} "
+                f"({self.table}) does not exist yet: run endpoint {self.parent} first"
+            ) from None
 
 
 def fill_path(path: str, row: Mapping[str, Any]) -> str:

@@ -12,7 +12,7 @@ import pytest
 
 from ingest.config import load_config, parse_config
 from ingest.cursor import CursorKind, parse_duration
-from ingest.errors import ConfigError, InterruptedRun
+from ingest.errors import ConfigError, InterruptedRun, SourceError
 from tests.helpers import run
 from tests.processes import wait_until
 from tests.resume_servers import (
@@ -226,6 +226,13 @@ async def test_interrupted_child_walk_resumes_inside_the_parent_it_stopped_in(
         stopped_in = int(state["after"][0])
     asked = {int(r["path"].split("/")[2]) for r in app[REQUESTS] if r["path"].endswith("orders")}
     assert min(asked) >= stopped_in
+
+
+async def test_child_run_alone_before_its_parent_ever_ran_says_what_to_do(database: str) -> None:
+    async with serve(customers_app(2, 1)) as base:
+        loaded = parse_config(shop_config(base), Path("shop.toml"))
+        with pytest.raises(SourceError, match="run endpoint customers first"):
+            await run(loaded, database, endpoints=("orders",))
 
 
 def test_child_reading_an_unknown_parent_column_is_a_config_error() -> None:
