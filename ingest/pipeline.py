@@ -425,8 +425,7 @@ class Pipeline:
                     state.interrupted = True
                     break
         finally:
-            with contextlib.suppress(RuntimeError):  # generator may still be finishing a cancel
-                await pages.aclose()
+            await pages.aclose()
         await state.queue.put(_END)
 
     async def _take_batch(self, state: _EndpointRun) -> tuple[int, list[FetchedPage]]:
