@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import signal
 from pathlib import Path
@@ -10,9 +11,14 @@ from typing import Any
 import asyncpg
 import pytest
 
+from ingest import leases
 from ingest.backfill import plan_windows
 from ingest.config import parse_config
 from ingest.errors import ConfigError, ExitCode
+from ingest.events import NullObserver
+from ingest.runner import connected
+from ingest.secrets import Redactor
+from ingest.worker import Worker, WorkerOptions, WorkerResult
 from tests.processes import run_cli, spawn, wait_until
 from tests.resume_servers import EPOCH, changes_app, events_config, iso, timed_records
 from tests.servers import REQUESTS, serve
@@ -187,3 +193,52 @@ async def test_two_workers_and_one_killed_complete_fifty_partitions_exactly(
         row["run_id"] for row in await db.fetch("SELECT DISTINCT run_id FROM ingest.checkpoints")
     }
     assert len(done_by) >= 2  # both survivors finished partitions
+
+
+async def test_a_worker_whose_lease_was_taken_commits_nothing_more_then_takes_it_back(
+    database: str, db: Connection
+) -> None:
+    records = timed_records(200, every=dt.timedelta(hours=1))
+    async with serve(changes_app(records, latency=0.03)) as base:
+        loaded = parse_config(
+            events_config(base, mode="append", per_page=4, batch_size=4, incremental=WINDOWED),
+            Path("events.toml"),
+        )
+        plan = plan_windows(loaded.source.endpoint("events"), "2025-01-01", "2025-01-10", "9d")
+        await leases.plan(db, source="shop", endpoint="events", windows=plan.windows)
+        options = WorkerOptions(drain=True, concurrency=1, lease_seconds=30, poll_seconds=0.1)
+
+        async def work() -> WorkerResult:
+            redactor, observer = Redactor(), NullObserver()
+            async with connected(loaded, database, redactor, pool_size=6, observer=observer) as (
+                pool,
+                http,
+            ):
+                return await Worker(loaded, pool, http, options, stop=asyncio.Event()).run()
+
+        async def checkpointed() -> int:
+            return int(
+                await db.fetchval("SELECT coalesce(max(records), 0) FROM ingest.checkpoints")
+            )
+
+        async def some_committed() -> bool:
+            return await checkpointed() >= 8
+
+        worker = asyncio.create_task(work())
+        await wait_until(some_committed, what="the worker committing")
+        # Another worker takes the partition over (as if this one had missed its heartbeats).
+        await db.execute(
+            "UPDATE ingest.partitions SET lease_owner = 'thief', "
+            "lease_expires_at = now() + interval '1 hour'"
+        )
+        at_takeover = await checkpointed()
+        await asyncio.sleep(1.0)  # dozens of batch intervals: none of them may commit
+        assert await checkpointed() == at_takeover
+        assert len(await table(db)) == at_takeover
+
+        # The thief dies in turn; its lease expires and the draining worker resumes the partition.
+        await db.execute("UPDATE ingest.partitions SET lease_expires_at = now() - interval '1s'")
+        result = await worker
+    assert (result.lost, result.done, result.failed) == (1, 1, 0)
+    assert await table(db) == source(records, EPOCH + dt.timedelta(days=9))
+    assert await statuses(db) == {"done": 1}
