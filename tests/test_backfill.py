@@ -70,6 +70,17 @@ def test_a_range_is_cut_into_windows_and_the_last_one_may_be_shorter() -> None:
         plan_windows(endpoint, "2025-02-01", "2025-01-01", "1d")
     with pytest.raises(ConfigError, match="--window: duration 'weekly'"):
         plan_windows(endpoint, "2025-01-01", "2025-02-01", "weekly")
+    by_id = parse_config(
+        events_config("http://127.0.0.1:1", incremental=WINDOWED + 'format = "integer"\n'),
+        Path("e.toml"),
+    )
+    ids = plan_windows(by_id.source.endpoint("events"), "0", "1000", "300")
+    assert [(lower, upper) for _, lower, upper in ids.windows] == [
+        ("0", "300"),
+        ("300", "600"),
+        ("600", "900"),
+        ("900", "1000"),
+    ]
     plain = parse_config(events_config("http://127.0.0.1:1"), Path("e.toml"))
     with pytest.raises(ConfigError, match=r"a backfill needs \[endpoints\.incremental\]"):
         plan_windows(plain.source.endpoint("events"), "2025-01-01", "2025-02-01", "1d")
