@@ -13,9 +13,10 @@ import traceback
 import warnings
 from collections.abc import Sequence
 
+from ingest.backfill import plan_windows, run_backfill
 from ingest.config import load_config
 from ingest.db import embedded_postgres, has_database_settings, open_pool, resolve_dsn
-from ingest.errors import ExitCode, IngestError
+from ingest.errors import ConfigError, ExitCode, IngestError
 from ingest.log import configure_logging
 from ingest.migrate import migrate
 from ingest.observe import ObserveOptions, observing
@@ -25,6 +26,8 @@ from ingest.runner import run_source
 from ingest.secrets import Redactor
 from ingest.status import collect_status, load_for_status, render_status
 from ingest.validate import validate
+from ingest.worker import WorkerOptions, run_worker
+from ingest.worker import summary as worker_summary
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +84,31 @@ def _observe(args: argparse.Namespace) -> ObserveOptions:
     )
 
 
+def _lease_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=30.0,
+        help="a partition is taken over when its worker misses heartbeats this long",
+    )
+    parser.add_argument(
+        "--max-attempts", type=int, default=3, help="claims of a failing partition before failed"
+    )
+    parser.add_argument(
+        "--max-dead-letters",
+        type=int,
+        default=None,
+        metavar="N",
+        help="fail a partition when more than N records are dead-lettered",
+    )
+
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be greater than zero")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ingest", description="Paginated HTTP APIs into PostgreSQL, exactly once."
@@ -127,6 +155,45 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=10.0, metavar="SECONDS", help="per-check time limit"
     )
     _common(validate_cmd)
+    backfill_cmd = commands.add_parser(
+        "backfill", help="split a cursor range into partitions and work them with leases"
+    )
+    backfill_cmd.add_argument("config", help="path to a source config (TOML)")
+    backfill_cmd.add_argument("--endpoint", required=True, help="the endpoint to backfill")
+    backfill_cmd.add_argument(
+        "--from", dest="start", required=True, help="lower bound (date, timestamp or integer)"
+    )
+    backfill_cmd.add_argument("--to", dest="end", required=True, help="upper bound (exclusive)")
+    backfill_cmd.add_argument(
+        "--window", required=True, help="partition size: 7d, 12h, 30m (an integer for ids)"
+    )
+    backfill_cmd.add_argument(
+        "--parallel", type=int, default=2, metavar="N", help="partitions worked at once here"
+    )
+    backfill_cmd.add_argument(
+        "--plan-only", action="store_true", help="store the partitions and exit (for workers)"
+    )
+    _lease_options(backfill_cmd)
+    _common(backfill_cmd)
+
+    worker_cmd = commands.add_parser(
+        "worker", help="claim backfill partitions from PostgreSQL and work them"
+    )
+    worker_cmd.add_argument("config", help="path to a source config (TOML)")
+    worker_cmd.add_argument(
+        "--endpoint", action="append", default=[], help="only this endpoint (repeatable)"
+    )
+    worker_cmd.add_argument(
+        "--concurrency", type=int, default=2, metavar="N", help="partitions worked at once"
+    )
+    worker_cmd.add_argument(
+        "--drain", action="store_true", help="exit when no partition is left instead of polling"
+    )
+    worker_cmd.add_argument(
+        "--poll-seconds", type=float, default=5.0, help="wait between claims when idle"
+    )
+    _lease_options(worker_cmd)
+    _common(worker_cmd)
 
     demo_cmd = commands.add_parser(
         "demo", help="run the bundled demo API into PostgreSQL (embedded if no DSN is set)"
@@ -181,6 +248,42 @@ async def _validate(args: argparse.Namespace, redactor: Redactor) -> int:
     return int(result.exit_code)
 
 
+async def _backfill(args: argparse.Namespace, redactor: Redactor) -> int:
+    _positive(args, "parallel", "lease_seconds", "max_attempts")
+    loaded = load_config(args.config)
+    plan = plan_windows(loaded.source.endpoint(args.endpoint), args.start, args.end, args.window)
+    options = WorkerOptions(
+        concurrency=args.parallel,
+        lease_seconds=args.lease_seconds,
+        max_attempts=args.max_attempts,
+        max_dead_letters=args.max_dead_letters,
+    )
+    result = await run_backfill(
+        loaded, resolve_dsn(args.dsn), redactor, plan, options, plan_only=args.plan_only
+    )
+    print(f"planned {result.planned} partitions ({result.new} new)")
+    if result.worker is not None:
+        print(worker_summary(result.worker, result.counts))
+    return ExitCode.OK
+
+
+async def _worker(args: argparse.Namespace, redactor: Redactor) -> int:
+    _positive(args, "concurrency", "lease_seconds", "max_attempts", "poll_seconds")
+    loaded = load_config(args.config)
+    options = WorkerOptions(
+        endpoints=tuple(args.endpoint),
+        concurrency=args.concurrency,
+        lease_seconds=args.lease_seconds,
+        poll_seconds=args.poll_seconds,
+        drain=args.drain,
+        max_attempts=args.max_attempts,
+        max_dead_letters=args.max_dead_letters,
+    )
+    result = await run_worker(loaded, resolve_dsn(args.dsn), redactor, options)
+    print(worker_summary(result))
+    return ExitCode.FAILED if result.failed else ExitCode.OK
+
+
 async def _demo(args: argparse.Namespace, redactor: Redactor, dsn: str | None) -> int:
     from ingest.demo import DEMO_CONFIG, serve_demo  # noqa: PLC0415
 
@@ -220,6 +323,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_status(args))
         if args.command == "validate":
             return asyncio.run(_validate(args, redactor))
+        if args.command == "backfill":
+            return asyncio.run(_backfill(args, redactor))
+        if args.command == "worker":
+            return asyncio.run(_worker(args, redactor))
         if args.command == "demo":
             args.embedded = not has_database_settings(args.dsn)
             if not args.embedded:

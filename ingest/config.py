@@ -17,11 +17,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ingest.cursor import CursorFormat, CursorKind
 from ingest.errors import ConfigError
 from ingest.secrets import Secret
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: ``{column}`` placeholders in a child endpoint's path, filled from its parent's rows.
+PATH_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: Column paths starting with this read the parent row of a child endpoint, not the record.
+PARENT_PREFIX = "$parent."
 # Header names whose values are credentials even when written literally in the file.
 SENSITIVE_HEADERS = frozenset(
     {"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key", "x-auth-token"}
@@ -169,14 +174,54 @@ Pagination = Annotated[
 ]
 
 
+class Incremental(_Frozen):
+    """Fetch only what changed: a cursor field in the records and how its lower bound is sent.
+
+    The next walk starts from the highest value of ``cursor_path`` seen by the last completed walk,
+    minus ``lookback``; the first walk starts from ``start`` (or fetches everything without it).
+    ``end_param`` sends the upper bound of a backfill window.
+    """
+
+    cursor_path: str
+    param: str
+    end_param: str | None = None
+    format: CursorFormat = "iso8601"
+    lookback: str | int = 0
+    start: str | int | None = None
+
+    @model_validator(mode="after")
+    def _values(self) -> Incremental:
+        kind = self.kind()
+        try:
+            kind.parse_step(self.lookback)
+        except ValueError as exc:
+            raise ValueError(f"lookback: {exc}") from None
+        if self.start is not None:
+            try:
+                kind.parse_bound(self.start)
+            except ValueError as exc:
+                raise ValueError(f"start: {exc}") from None
+        return self
+
+    def kind(self) -> CursorKind:
+        return CursorKind(self.format)
+
+
 class Endpoint(_Frozen):
-    """One paginated resource of the source and the table it lands in."""
+    """One paginated resource of the source and the table it lands in.
+
+    A child endpoint (``parent = "customers"``) is walked once per row of its parent's table, its
+    ``path`` filled from that row (``/customers/{id}/orders``); columns with a ``$parent.`` path
+    store the parent's values on the child rows.
+    """
 
     name: str
     path: str
     params: dict[str, str | int | float | bool] = Field(default_factory=dict)
     records_path: str = ""
     pagination: Pagination = SinglePage(style="single")
+    incremental: Incremental | None = None
+    parent: str | None = None
     table: Table
     #: Pages fetched ahead at once for page_number/offset styles; ``None``: ``http.pages_ahead``.
     pages_ahead: int | None = Field(default=None, ge=1, le=64)
@@ -185,6 +230,24 @@ class Endpoint(_Frozen):
     @classmethod
     def _name(cls, value: str) -> str:
         return check_identifier(value, "endpoint name")
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> Endpoint:
+        if self.parent is None:
+            if PATH_PLACEHOLDER.search(self.path):
+                raise ValueError(f"path {self.path!r} has placeholders but no parent endpoint")
+            for name, column in self.table.columns.items():
+                if column.path.startswith(PARENT_PREFIX):
+                    raise ValueError(f"column {name} reads {column.path!r} but there is no parent")
+        return self
+
+    def parent_columns(self) -> dict[str, str]:
+        """Child column -> parent column, for columns whose path is ``$parent.<column>``."""
+        return {
+            name: column.path.removeprefix(PARENT_PREFIX)
+            for name, column in self.table.columns.items()
+            if column.path.startswith(PARENT_PREFIX)
+        }
 
 
 class HttpSettings(_Frozen):
@@ -362,6 +425,9 @@ class Source(_Frozen):
         duplicated = sorted({name for name in names if names.count(name) > 1})
         if duplicated:
             raise ValueError(f"endpoint names must be unique; repeated: {', '.join(duplicated)}")
+        by_name = {endpoint.name: endpoint for endpoint in value}
+        for endpoint in value:
+            _check_parent(endpoint, by_name)
         return value
 
     def endpoint(self, name: str) -> Endpoint:
@@ -370,6 +436,31 @@ class Source(_Frozen):
                 return endpoint
         known = ", ".join(endpoint.name for endpoint in self.endpoints)
         raise ConfigError(f"no endpoint named {name!r} in source {self.name!r} (known: {known})")
+
+
+def _check_parent(endpoint: Endpoint, by_name: Mapping[str, Endpoint]) -> None:
+    """A child's parent exists, the chain has no cycle, and every parent column it reads exists."""
+    if endpoint.parent is None:
+        return
+    where = f"endpoint {endpoint.name}"
+    parent = by_name.get(endpoint.parent)
+    if parent is None:
+        raise ValueError(f"{where}: parent {endpoint.parent!r} is not an endpoint of this source")
+    seen = {endpoint.name}
+    ancestor: Endpoint | None = parent
+    while ancestor is not None:
+        if ancestor.name in seen:
+            raise ValueError(f"{where}: parent chain loops through {ancestor.name!r}")
+        seen.add(ancestor.name)
+        ancestor = by_name.get(ancestor.parent) if ancestor.parent else None
+    available = set(parent.table.columns)
+    used = PATH_PLACEHOLDER.findall(endpoint.path) + list(endpoint.parent_columns().values())
+    for column in used:
+        if column not in available:
+            raise ValueError(
+                f"{where}: parent column {column!r} is not a column of {parent.name}'s table "
+                f"(known: {', '.join(sorted(available))})"
+            )
 
 
 class LoadedConfig(BaseModel):

@@ -56,6 +56,10 @@ class LockedError(IngestError):
     exit_code = ExitCode.LOCKED
 
 
+class LeaseLostError(IngestError):
+    """A backfill partition's lease expired and another worker took it over."""
+
+
 class InterruptedRun(IngestError):
     """A signal stopped the run after committing its checkpoint; rerun to resume."""
 

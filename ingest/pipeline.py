@@ -18,21 +18,32 @@ consumer holds at most one batch (``batch_size`` records plus one page).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import structlog
 
+from ingest.children import walk_children
 from ingest.config import Endpoint, LoadedConfig
-from ingest.errors import DeadLetterLimitError, IngestError, InterruptedRun, LockedError
+from ingest.cursor import CursorKind, CursorValue
+from ingest.db import Connection
+from ingest.errors import (
+    DeadLetterLimitError,
+    IngestError,
+    InterruptedRun,
+    LockedError,
+    SinkError,
+)
 from ingest.events import NullObserver, RunObserver
 from ingest.http.messages import PageRequest
 from ingest.paginate import make_paginator
+from ingest.paths import compile_path
 from ingest.rows import RowBuilder
 from ingest.sink import TableSink
 from ingest.source import FetchedPage, Fetcher, resume_request, start_request, walk_endpoint
@@ -40,7 +51,9 @@ from ingest.state import (
     Checkpoint,
     finish_run,
     load_checkpoint,
+    load_cursor,
     save_checkpoint,
+    save_cursor,
     save_dead_letters,
     start_run,
     try_lock_source,
@@ -60,6 +73,21 @@ class RunOptions:
     max_dead_letters: int | None = None
     stop: asyncio.Event | None = None
     observer: RunObserver = field(default_factory=NullObserver)
+
+
+#: Called inside each batch's transaction, after the batch's turn has come and before the
+#: checkpoint is written; ``done`` is true for the batch that ends the walk. Raising rolls the
+#: batch back (a backfill worker uses it to prove it still holds its partition's lease).
+Fence = Callable[[Connection, bool], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """One window of a backfill: its checkpoint key, its extra query parameters, its fence."""
+
+    key: str
+    params: Mapping[str, str]
+    fence: Fence | None = None
 
 
 @dataclass(slots=True)
@@ -133,11 +161,19 @@ class _EndpointRun:
     stats: EndpointStats
     base_records: int
     base_pages: int
+    partition: Partition | None = None
+    cursor: CursorKind | None = None
+    cursor_max: CursorValue | None = None
+    high_water: CursorValue | None = None
     gate: CommitGate = field(default_factory=CommitGate)
     take_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     next_sequence: int = 0
     ended: bool = False
     interrupted: bool = False
+
+    @property
+    def partition_key(self) -> str:
+        return self.partition.key if self.partition else ""
 
 
 class Pipeline:
@@ -162,6 +198,7 @@ class Pipeline:
         self.run_id = uuid.uuid4()
         self.stats: dict[str, EndpointStats] = {}
         self._dead_letters_total = 0
+        self._ensured: set[str] = set()
 
     def selected_endpoints(self) -> list[Endpoint]:
         if not self.options.endpoints:
@@ -169,7 +206,7 @@ class Pipeline:
         return [self.source.endpoint(name) for name in self.options.endpoints]
 
     async def run(self) -> RunResult:
-        """Run every selected endpoint concurrently; raise the first failure after cleanup."""
+        """Run every selected endpoint (parents before children); raise the first failure."""
         endpoints = self.selected_endpoints()
         async with self.pool.acquire() as lock_connection:
             if not await try_lock_source(lock_connection, self.source.name):
@@ -178,38 +215,58 @@ class Pipeline:
                     "(advisory lock held); try again when it finishes"
                 )
             try:
-                self.run_id = await start_run(
-                    lock_connection,
-                    command=self.options.command,
-                    source=self.source.name,
-                    config_hash=self.loaded.config_hash,
-                )
-                structlog.contextvars.bind_contextvars(
-                    run_id=str(self.run_id), source=self.source.name
-                )
-                try:
+                async with self.recorded():
                     await self._run_endpoints(endpoints)
-                except BaseException as exc:
-                    await finish_run(
-                        lock_connection,
-                        self.run_id,
-                        status="interrupted" if isinstance(exc, InterruptedRun) else "failed",
-                        endpoints=self._stats_dicts(),
-                        error=_one_line(exc),
-                    )
-                    raise
-                interrupted = any(stats.finished is None for stats in self.stats.values())
-                await finish_run(
-                    lock_connection,
-                    self.run_id,
-                    status="interrupted" if interrupted else "succeeded",
-                    endpoints=self._stats_dicts(),
-                )
             finally:
-                structlog.contextvars.unbind_contextvars("run_id", "source")
                 await unlock_source(lock_connection, self.source.name)
+        return self.result()
+
+    def result(self) -> RunResult:
         retries: Counter[str] = Counter(getattr(self.fetcher, "retries", {}))
+        interrupted = any(stats.finished is None for stats in self.stats.values())
         return RunResult(self.run_id, self.stats, retries, interrupted=interrupted)
+
+    @contextlib.asynccontextmanager
+    async def recorded(self) -> AsyncIterator[None]:
+        """A row in ``ingest.runs`` for the body: started now, finished with its outcome."""
+        async with self.pool.acquire() as connection:
+            self.run_id = await start_run(
+                connection,
+                command=self.options.command,
+                source=self.source.name,
+                config_hash=self.loaded.config_hash,
+            )
+        structlog.contextvars.bind_contextvars(run_id=str(self.run_id), source=self.source.name)
+        try:
+            try:
+                yield
+            except BaseException as exc:
+                stopped = isinstance(exc, InterruptedRun | asyncio.CancelledError)
+                await self._finish("interrupted" if stopped else "failed", _one_line(exc))
+                raise
+            interrupted = any(stats.finished is None for stats in self.stats.values())
+            await self._finish("interrupted" if interrupted else "succeeded", None)
+        finally:
+            structlog.contextvars.unbind_contextvars("run_id", "source")
+
+    async def _finish(self, status: str, error: str | None) -> None:
+        async with self.pool.acquire() as connection:
+            await finish_run(
+                connection, self.run_id, status=status, endpoints=self._stats_dicts(), error=error
+            )
+
+    async def run_partition(self, endpoint: Endpoint, partition: Partition) -> EndpointStats:
+        """Run one endpoint over one backfill window, inside a :meth:`recorded` run.
+
+        No source lock: partitions are made exclusive by their leases (see :mod:`ingest.leases`),
+        so many workers can fill one source at once.
+        """
+        if endpoint.name not in self._ensured:
+            async with self.pool.acquire() as connection:
+                await TableSink(endpoint.table).ensure(connection)
+            self._ensured.add(endpoint.name)
+        await self._run_endpoint(endpoint, partition)
+        return self.stats[_stats_key(endpoint, partition)]
 
     def _stats_dicts(self) -> dict[str, dict[str, Any]]:
         """Per-endpoint counts for ``ingest.runs.endpoints``, retries (by reason) included."""
@@ -228,56 +285,61 @@ class Pipeline:
         async with self.pool.acquire() as connection:
             for endpoint in endpoints:
                 await TableSink(endpoint.table).ensure(connection)
-        try:
-            async with asyncio.TaskGroup() as group:
+        for wave in _waves(endpoints):
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for endpoint in wave:
+                        group.create_task(
+                            self._run_endpoint(endpoint), name=f"endpoint:{endpoint.name}"
+                        )
+            except BaseExceptionGroup as group_error:
+                raise _first_error(group_error) from None
+            if self.options.stop is not None and self.options.stop.is_set():
+                # Children wait for the next run: counted as unfinished, so the run is resumable.
                 for endpoint in endpoints:
-                    group.create_task(
-                        self._run_endpoint(endpoint), name=f"endpoint:{endpoint.name}"
-                    )
-        except BaseExceptionGroup as group_error:
-            raise _first_error(group_error) from None
+                    self.stats.setdefault(endpoint.name, EndpointStats())
+                return
 
-    async def _run_endpoint(self, endpoint: Endpoint) -> None:
+    async def _run_endpoint(self, endpoint: Endpoint, partition: Partition | None = None) -> None:
         # This task runs in its own copy of the context, so the binding reaches exactly the
         # log events of this endpoint's producer, consumers and HTTP requests.
         structlog.contextvars.bind_contextvars(endpoint=endpoint.name)
-        stats = self.stats.setdefault(endpoint.name, EndpointStats())
-        paginator = make_paginator(endpoint.pagination)
+        stats = self.stats.setdefault(_stats_key(endpoint, partition), EndpointStats())
+        key = partition.key if partition else ""
         async with self.pool.acquire() as connection:
-            checkpoint = await load_checkpoint(connection, self.source.name, endpoint.name)
-        first: PageRequest
-        base_records = base_pages = 0
-        if checkpoint and not checkpoint.done and checkpoint.state and not self.options.restart:
-            first = resume_request(checkpoint.state, paginator)
-            base_records, base_pages = checkpoint.records, checkpoint.pages
-            stats.resumed = True
-            log.info(
-                "resuming",
-                endpoint=endpoint.name,
-                url=self.redact_url(first.full_url()),
-                records_before=base_records,
+            checkpoint = await load_checkpoint(connection, self.source.name, endpoint.name, key)
+            stored_cursor = (
+                await load_cursor(connection, self.source.name, endpoint.name)
+                if endpoint.incremental and partition is None
+                else None
             )
-        else:
-            first = paginator.first_request(start_request(self.source.base_url, endpoint))
+        resuming = bool(
+            checkpoint and not checkpoint.done and checkpoint.state and not self.options.restart
+        )
+        if partition is not None and checkpoint is not None and checkpoint.done:
+            # A finished partition whose lease was not yet released: nothing left to fetch.
+            stats.finished = time.monotonic()
+            if partition.fence is not None:
+                async with self.pool.acquire() as connection, connection.transaction():
+                    await partition.fence(connection, True)
+            return
+        cursor = endpoint.incremental.kind() if endpoint.incremental else None
         state = _EndpointRun(
             endpoint=endpoint,
             sink=TableSink(endpoint.table),
             builder=RowBuilder(endpoint.table),
             queue=asyncio.Queue(maxsize=self.settings.queue_size),
             stats=stats,
-            base_records=base_records,
-            base_pages=base_pages,
+            base_records=checkpoint.records if resuming and checkpoint else 0,
+            base_pages=checkpoint.pages if resuming and checkpoint else 0,
+            partition=partition,
+            cursor=cursor,
+            high_water=cursor.load(stored_cursor) if cursor and stored_cursor else None,
         )
-        pages = walk_endpoint(
-            endpoint,
-            self.fetcher,
-            paginator,
-            first,
-            resumed=stats.resumed,
-            redact_url=self.redact_url,
-            pages_ahead=self.source.pages_ahead(endpoint),
-            credential_params=self.source.credential_params(),
-        )
+        if resuming and checkpoint and cursor and checkpoint.cursor_max:
+            state.cursor_max = cursor.load(checkpoint.cursor_max)
+        stats.resumed = resuming
+        pages = self._pages(state, checkpoint.state if resuming and checkpoint else None)
         observer = self.options.observer
         observer.endpoint_started(endpoint.name, resumed=stats.resumed, total=None)
         try:
@@ -291,13 +353,87 @@ class Pipeline:
         observer.endpoint_finished(endpoint.name, ok=not state.interrupted)
         if not state.interrupted:
             stats.finished = time.monotonic()
-            log.info("endpoint_done", endpoint=endpoint.name, **stats.as_dict())
+            log.info("endpoint_done", endpoint=endpoint.name, partition=key, **stats.as_dict())
 
-    async def _produce(self, state: _EndpointRun, pages: Any) -> None:
+    def _start_params(self, state: _EndpointRun) -> dict[str, str]:
+        """Query parameters of a fresh walk: the backfill window, or the incremental lower bound."""
+        if state.partition is not None:
+            return dict(state.partition.params)
+        incremental = state.endpoint.incremental
+        if incremental is None or state.cursor is None:
+            return {}
+        kind = state.cursor
+        lower: CursorValue | None
+        if state.high_water is not None:
+            lower = kind.minus(state.high_water, kind.parse_step(incremental.lookback))
+        elif incremental.start is not None:
+            lower = kind.parse_bound(incremental.start)
+        else:
+            return {}
+        return {incremental.param: kind.render(lower)}
+
+    def _pages(
+        self, state: _EndpointRun, resume: dict[str, Any] | None
+    ) -> AsyncGenerator[FetchedPage, None]:
+        """The endpoint's pages: a plain walk, or one walk per parent row for a child endpoint."""
+        endpoint = state.endpoint
+        params = self._start_params(state)
+        if endpoint.parent is not None:
+            return walk_children(
+                endpoint,
+                self.source.endpoint(endpoint.parent),
+                pool=self.pool,
+                fetcher=self.fetcher,
+                base_url=self.source.base_url,
+                params=params,
+                state=resume,
+                redact_url=self.redact_url,
+                pages_ahead=self.source.pages_ahead(endpoint),
+                credential_params=self.source.credential_params(),
+            )
+        paginator = make_paginator(endpoint.pagination)
+        first: PageRequest
+        if resume is not None:
+            first = resume_request(resume, paginator)
+            log.info(
+                "resuming",
+                endpoint=endpoint.name,
+                partition=state.partition_key,
+                url=self.redact_url(first.full_url()),
+                records_before=state.base_records,
+            )
+        else:
+            base = start_request(self.source.base_url, endpoint).with_params(**params)
+            first = paginator.first_request(base)
+        return walk_endpoint(
+            endpoint,
+            self.fetcher,
+            paginator,
+            first,
+            resumed=resume is not None,
+            redact_url=self.redact_url,
+            pages_ahead=self.source.pages_ahead(endpoint),
+            credential_params=self.source.credential_params(),
+        )
+
+    async def _produce(self, state: _EndpointRun, pages: AsyncGenerator[FetchedPage, None]) -> None:
+        """Move pages into the queue until the walk ends or a stop is asked for.
+
+        A stop does not wait for the fetch in flight (a slow server could hold it for the whole
+        read timeout): the fetch is cancelled, what is queued is still written and checkpointed.
+        """
+        stop = self.options.stop
         observer = self.options.observer
         reported: int | None = None
         try:
-            async for page in pages:
+            while True:
+                page = await _next_or_stop(pages, stop)
+                if page is None:
+                    break
+                if page is _STOPPED:
+                    state.interrupted = True
+                    break
+                assert isinstance(page, FetchedPage)
                 await state.queue.put(page)
                 if page.total is not None and page.total != reported:
                     reported = page.total
@@ -308,8 +444,10 @@ class Pipeline:
                 observer.page_fetched(
                     state.endpoint.name, records=len(page.records), queue_depth=state.queue.qsize()
                 )
-                if self.options.stop is not None and self.options.stop.is_set():
-                    state.interrupted = page.checkpoint is not None
+                if page.checkpoint is None:
+                    break
+                if stop is not None and stop.is_set():
+                    state.interrupted = True
                     break
         finally:
             await pages.aclose()
@@ -357,40 +495,47 @@ class Pipeline:
         self, state: _EndpointRun, sequence: int, pages: list[FetchedPage]
     ) -> None:
         endpoint = state.endpoint
-        records = [record for page in pages for record in page.records]
-        rows, rejected = state.builder.build_many(records)
+        rows: list[tuple[Any, ...]] = []
+        rejected: list[tuple[Any, str]] = []
+        for page in pages:
+            good, bad = state.builder.build_many(page.records, page.parent)
+            rows.extend(good)
+            rejected.extend(bad)
+        batch_max = self._batch_cursor(state, pages)
         merge = endpoint.table.mode == "merge"
-        async with self.pool.acquire() as connection, connection.transaction():
-            if merge:
-                await state.sink.stage(connection, rows)
-            else:
-                await state.sink.write(connection, rows)
-            await state.gate.wait_turn(sequence)
-            if merge and rows:
-                await state.sink.merge(connection)
-            if rejected:
-                self._count_dead_letters(endpoint, len(rejected))
-                await save_dead_letters(
-                    connection,
-                    run_id=self.run_id,
-                    source=self.source.name,
-                    endpoint=endpoint.name,
-                    rejected=rejected,
-                )
-            stats = state.stats
-            last = pages[-1].checkpoint
-            await save_checkpoint(
-                connection,
-                source=self.source.name,
-                endpoint=endpoint.name,
-                checkpoint=Checkpoint(
-                    state=last,
-                    done=last is None,
-                    records=state.base_records + stats.records + len(rows),
-                    pages=state.base_pages + stats.pages + len(pages),
-                ),
-                run_id=self.run_id,
-            )
+        last = pages[-1].checkpoint
+        try:
+            async with self.pool.acquire() as connection, connection.transaction():
+                if merge:
+                    await state.sink.stage(connection, rows)
+                else:
+                    await state.sink.write(connection, rows)
+                await state.gate.wait_turn(sequence)
+                if merge and rows:
+                    await state.sink.merge(connection)
+                if rejected:
+                    self._count_dead_letters(state, len(rejected))
+                    await save_dead_letters(
+                        connection,
+                        run_id=self.run_id,
+                        source=self.source.name,
+                        endpoint=endpoint.name,
+                        rejected=rejected,
+                    )
+                if state.partition is not None and state.partition.fence is not None:
+                    await state.partition.fence(connection, last is None)
+                cursor_max = _larger(state.cursor_max, batch_max)
+                await self._save_progress(connection, state, pages, len(rows), cursor_max)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            where = f" partition {state.partition_key}" if state.partition else ""
+            raise SinkError(
+                f"endpoint {endpoint.name}{where}: writing a batch of {len(rows)} rows to "
+                f"{endpoint.table.schema_}.{endpoint.table.name} failed "
+                f"({type(exc).__name__}: {_one_line(exc)}); nothing of it was committed and "
+                "the last checkpoint holds: rerun to resume"
+            ) from None
+        state.cursor_max = cursor_max
+        stats = state.stats
         stats.records += len(rows)
         stats.pages += len(pages)
         stats.dead_letters += len(rejected)
@@ -401,6 +546,7 @@ class Pipeline:
         log.debug(
             "batch_committed",
             endpoint=endpoint.name,
+            partition=state.partition_key,
             sequence=sequence,
             rows=len(rows),
             dead_letters=len(rejected),
@@ -408,14 +554,115 @@ class Pipeline:
         )
         await state.gate.committed(sequence)
 
-    def _count_dead_letters(self, endpoint: Endpoint, count: int) -> None:
-        self._dead_letters_total += count
+    def _batch_cursor(self, state: _EndpointRun, pages: list[FetchedPage]) -> CursorValue | None:
+        incremental = state.endpoint.incremental
+        if incremental is None or state.cursor is None:
+            return None
+        get = compile_path(incremental.cursor_path)
+        return state.cursor.highest(
+            None, (get(record) for page in pages for record in page.records)
+        )
+
+    async def _save_progress(
+        self,
+        connection: Connection,
+        state: _EndpointRun,
+        pages: list[FetchedPage],
+        rows: int,
+        cursor_max: CursorValue | None,
+    ) -> None:
+        """The checkpoint (and, when an incremental walk completes, the high-water mark)."""
+        last = pages[-1].checkpoint
+        kind = state.cursor
+        await save_checkpoint(
+            connection,
+            source=self.source.name,
+            endpoint=state.endpoint.name,
+            partition=state.partition_key,
+            checkpoint=Checkpoint(
+                state=last,
+                done=last is None,
+                records=state.base_records + state.stats.records + rows,
+                pages=state.base_pages + state.stats.pages + len(pages),
+                cursor_max=kind.dump(cursor_max) if kind and cursor_max is not None else None,
+            ),
+            run_id=self.run_id,
+        )
+        if last is None and state.partition is None and kind is not None:
+            high_water = _larger(state.high_water, cursor_max)
+            if high_water is not None:
+                await save_cursor(
+                    connection,
+                    source=self.source.name,
+                    endpoint=state.endpoint.name,
+                    value=kind.dump(high_water),
+                    run_id=self.run_id,
+                )
+
+    def _count_dead_letters(self, state: _EndpointRun, count: int) -> None:
+        """Enforce ``--max-dead-letters``: over the whole run, or per partition in a backfill."""
+        if state.partition is None:
+            self._dead_letters_total += count
+            total, where = self._dead_letters_total, f"endpoint {state.endpoint.name}"
+        else:
+            total = state.stats.dead_letters + count
+            where = f"endpoint {state.endpoint.name} partition {state.partition.key}"
         limit = self.options.max_dead_letters
-        if limit is not None and self._dead_letters_total > limit:
+        if limit is not None and total > limit:
             raise DeadLetterLimitError(
-                f"endpoint {endpoint.name}: {self._dead_letters_total} records failed conversion, "
+                f"{where}: {total} records failed conversion, "
                 f"more than --max-dead-letters {limit}; see ingest.dead_letters for reasons"
             )
+
+
+_STOPPED = object()
+
+
+async def _next_or_stop(
+    pages: AsyncGenerator[FetchedPage, None], stop: asyncio.Event | None
+) -> FetchedPage | object | None:
+    """The next page, ``None`` at the end, or ``_STOPPED`` if ``stop`` is set first."""
+    if stop is None:
+        return await anext(pages, None)
+    if stop.is_set():
+        return _STOPPED
+    fetch = asyncio.ensure_future(anext(pages, None))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # Never leave the fetch running on its own, whether we stop or are cancelled ourselves.
+        stopped.cancel()
+        if not fetch.done():
+            fetch.cancel()
+            await asyncio.wait({fetch})
+    if fetch.cancelled():
+        return _STOPPED
+    return fetch.result()
+
+
+def _larger(first: CursorValue | None, second: CursorValue | None) -> CursorValue | None:
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return max(first, second)
+
+
+def _stats_key(endpoint: Endpoint, partition: Partition | None) -> str:
+    return f"{endpoint.name}[{partition.key}]" if partition else endpoint.name
+
+
+def _waves(endpoints: Sequence[Endpoint]) -> list[list[Endpoint]]:
+    """Endpoints in dependency order: a child runs after its parent when both are selected."""
+    waves: list[list[Endpoint]] = []
+    remaining = list(endpoints)
+    while remaining:
+        pending = {endpoint.name for endpoint in remaining}
+        wave = [endpoint for endpoint in remaining if endpoint.parent not in pending]
+        waves.append(wave)
+        remaining = [endpoint for endpoint in remaining if endpoint not in wave]
+    return waves
 
 
 def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from ingest.config import Column, Table
+from ingest.config import PARENT_PREFIX, Column, Table
 from ingest.paths import MISSING, compile_path
 
 Converter = Callable[[Any], Any]
@@ -175,22 +175,26 @@ class RowBuilder:
         self.columns: tuple[str, ...] = tuple(table.columns)
         self.store_raw = table.store_raw
         required = set(table.primary_key)
-        self._plan: list[tuple[str, Callable[[Any], Any], Converter, bool]] = [
+        self._plan: list[tuple[str, Callable[[Any], Any], Converter, bool, bool]] = [
             (
                 name,
-                compile_path(column.path),
+                compile_path(column.path.removeprefix(PARENT_PREFIX)),
                 CONVERTERS[column.type],
                 _required(name, column, required),
+                column.path.startswith(PARENT_PREFIX),
             )
             for name, column in table.columns.items()
         ]
 
-    def build(self, record: Any) -> tuple[Any, ...]:
-        """The row for ``record``, or :class:`RowError` naming the column that failed."""
+    def build(self, record: Any, parent: Any = None) -> tuple[Any, ...]:
+        """The row for ``record``, or :class:`RowError` naming the column that failed.
+
+        ``parent`` is the parent row of a child endpoint's record (for ``$parent.`` columns).
+        """
         values: list[Any] = []
         append = values.append
-        for name, get, convert, required in self._plan:
-            value = get(record)
+        for name, get, convert, required, from_parent in self._plan:
+            value = get(parent if from_parent else record)
             if value is MISSING or value is None:
                 if required:
                     raise RowError(f"column {name}: required value is missing")
@@ -205,7 +209,7 @@ class RowBuilder:
         return tuple(values)
 
     def build_many(
-        self, records: Sequence[Any]
+        self, records: Sequence[Any], parent: Any = None
     ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, str]]]:
         """Rows for the good records and (record, reason) for the ones to dead-letter."""
         rows: list[tuple[Any, ...]] = []
@@ -213,7 +217,7 @@ class RowBuilder:
         build = self.build
         for record in records:
             try:
-                rows.append(build(record))
+                rows.append(build(record, parent))
             except RowError as exc:
                 rejected.append((record, str(exc)))
         return rows, rejected

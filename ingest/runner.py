@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
+import asyncpg
 import structlog
 
 from ingest.config import LoadedConfig
 from ingest.db import open_pool
 from ingest.errors import ConfigError, InterruptedRun
+from ingest.events import RunObserver
 from ingest.http.client import HttpClient
 from ingest.migrate import pending
 from ingest.pipeline import Pipeline, RunOptions, RunResult
@@ -54,6 +56,28 @@ def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
             loop.remove_signal_handler(signum)
 
 
+@contextlib.asynccontextmanager
+async def connected(
+    loaded: LoadedConfig,
+    dsn: str | None,
+    redactor: Redactor,
+    *,
+    pool_size: int,
+    observer: RunObserver,
+) -> AsyncIterator[tuple[asyncpg.Pool, HttpClient]]:
+    """A pool on an up-to-date schema and the source's HTTP client, for any command that runs."""
+    async with open_pool(dsn, size=pool_size) as pool:
+        async with pool.acquire() as connection:
+            missing = await pending(connection)
+        if missing:
+            raise ConfigError(
+                f"database schema is not up to date (pending: {', '.join(missing)}): "
+                "run `ingest migrate` first"
+            )
+        async with HttpClient(loaded.source, redactor, observer=observer) as http:
+            yield pool, http
+
+
 async def run_source(
     loaded: LoadedConfig,
     dsn: str | None,
@@ -72,24 +96,19 @@ async def run_source(
         observer=options.observer,
     )
     pool_size = len(source.endpoints) * source.pipeline.consumers + 2
-    async with open_pool(dsn, size=pool_size) as pool:
-        async with pool.acquire() as connection:
-            missing = await pending(connection)
-        if missing:
-            raise ConfigError(
-                f"database schema is not up to date (pending: {', '.join(missing)}): "
-                "run `ingest migrate` first"
-            )
-        async with HttpClient(source, redactor, observer=options.observer) as http:
-            pipeline = Pipeline(loaded, pool, http, options=options, redact_url=redactor.url)
-            try:
-                with stop_on_signals(stop):
-                    result = await pipeline.run()
-            except asyncio.CancelledError:
-                raise InterruptedRun(
-                    "run cancelled by a second signal; the last committed checkpoint holds: "
-                    "rerun to resume"
-                ) from None
+    async with connected(loaded, dsn, redactor, pool_size=pool_size, observer=options.observer) as (
+        pool,
+        http,
+    ):
+        pipeline = Pipeline(loaded, pool, http, options=options, redact_url=redactor.url)
+        try:
+            with stop_on_signals(stop):
+                result = await pipeline.run()
+        except asyncio.CancelledError:
+            raise InterruptedRun(
+                "run cancelled by a second signal; the last committed checkpoint holds: "
+                "rerun to resume"
+            ) from None
     if result.interrupted:
         raise InterruptedRun(
             f"run {result.run_id} stopped by a signal after committing its checkpoint: "

@@ -81,8 +81,18 @@ class TableSink:
         )
 
     async def ensure(self, connection: Connection) -> None:
-        """Create the table if missing; if it exists, check it has every column we write."""
-        await connection.execute(self.create_sql())
+        """Create the table if missing; if it exists, check it has every column we write.
+
+        ``CREATE TABLE IF NOT EXISTS`` is not safe against a concurrent twin (both may pass the
+        check and one fails on the catalog's unique index), so creators of the same table queue
+        on a transaction-level advisory lock: backfill workers start many at once.
+        """
+        async with connection.transaction():
+            await connection.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                f"ingest:ddl:{self.table.schema_}.{self.table.name}",
+            )
+            await connection.execute(self.create_sql())
         present = {
             row["column_name"]
             for row in await connection.fetch(

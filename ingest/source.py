@@ -16,7 +16,7 @@ the walk below still takes them one by one, in order, so none of the above chang
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -49,10 +49,14 @@ class FetchedPage:
     records: Sequence[Any]
     checkpoint: dict[str, Any] | None
     total: int | None = None  # the record total the server reported so far, if any
+    #: For a child endpoint: the parent row this page was fetched for (``$parent.`` columns).
+    parent: Mapping[str, Any] | None = None
 
 
-def start_request(base_url: str, endpoint: Endpoint) -> PageRequest:
-    path = endpoint.path if endpoint.path.startswith("/") else f"/{endpoint.path}"
+def start_request(base_url: str, endpoint: Endpoint, path: str | None = None) -> PageRequest:
+    """The endpoint's first URL and params; ``path`` overrides it (a child's filled path)."""
+    path = endpoint.path if path is None else path
+    path = path if path.startswith("/") else f"/{path}"
     return PageRequest(base_url + path).with_params(**endpoint.params)
 
 
@@ -145,7 +149,7 @@ async def walk_endpoint(
     redact_url: Any = str,
     pages_ahead: int = 1,
     credential_params: frozenset[str] = frozenset(),
-) -> AsyncIterator[FetchedPage]:
+) -> AsyncGenerator[FetchedPage, None]:
     """Yield every page from ``first`` on; the last page's checkpoint is ``None``.
 
     ``credential_params`` are dropped from every next request (a server may echo an API key into

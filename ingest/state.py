@@ -25,6 +25,8 @@ class Checkpoint:
     done: bool
     records: int
     pages: int
+    #: The highest incremental cursor value committed by this walk so far (canonical text).
+    cursor_max: str | None = None
 
 
 def _json(value: Any) -> str:
@@ -35,7 +37,7 @@ async def load_checkpoint(
     connection: Connection, source: str, endpoint: str, partition: str = ""
 ) -> Checkpoint | None:
     row = await connection.fetchrow(
-        "SELECT state, done, records, pages FROM ingest.checkpoints "
+        "SELECT state, done, records, pages, cursor_max FROM ingest.checkpoints "
         "WHERE source = $1 AND endpoint = $2 AND partition = $3",
         source,
         endpoint,
@@ -44,7 +46,7 @@ async def load_checkpoint(
     if row is None:
         return None
     state = orjson.loads(row["state"]) if row["state"] is not None else None
-    return Checkpoint(state, row["done"], row["records"], row["pages"])
+    return Checkpoint(state, row["done"], row["records"], row["pages"], row["cursor_max"])
 
 
 async def save_checkpoint(
@@ -58,11 +60,12 @@ async def save_checkpoint(
 ) -> None:
     await connection.execute(
         "INSERT INTO ingest.checkpoints "
-        "(source, endpoint, partition, state, done, records, pages, run_id, updated_at) "
-        "VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, now()) "
+        "(source, endpoint, partition, state, done, records, pages, run_id, cursor_max, "
+        "updated_at) VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, now()) "
         "ON CONFLICT (source, endpoint, partition) DO UPDATE SET "
         "state = EXCLUDED.state, done = EXCLUDED.done, records = EXCLUDED.records, "
-        "pages = EXCLUDED.pages, run_id = EXCLUDED.run_id, updated_at = now()",
+        "pages = EXCLUDED.pages, run_id = EXCLUDED.run_id, cursor_max = EXCLUDED.cursor_max, "
+        "updated_at = now()",
         source,
         endpoint,
         partition,
@@ -71,6 +74,7 @@ async def save_checkpoint(
         checkpoint.records,
         checkpoint.pages,
         run_id,
+        checkpoint.cursor_max,
     )
 
 
@@ -82,6 +86,29 @@ async def reset_checkpoint(
         source,
         endpoint,
         partition,
+    )
+
+
+async def load_cursor(connection: Connection, source: str, endpoint: str) -> str | None:
+    """The endpoint's high-water mark: the highest cursor value of its last completed walk."""
+    value: str | None = await connection.fetchval(
+        "SELECT value FROM ingest.cursors WHERE source = $1 AND endpoint = $2", source, endpoint
+    )
+    return value
+
+
+async def save_cursor(
+    connection: Connection, *, source: str, endpoint: str, value: str, run_id: uuid.UUID
+) -> None:
+    """Set the high-water mark; the caller has already taken the max with the previous one."""
+    await connection.execute(
+        "INSERT INTO ingest.cursors (source, endpoint, value, run_id, updated_at) "
+        "VALUES ($1, $2, $3, $4, now()) ON CONFLICT (source, endpoint) DO UPDATE SET "
+        "value = EXCLUDED.value, run_id = EXCLUDED.run_id, updated_at = now()",
+        source,
+        endpoint,
+        value,
+        run_id,
     )
 
 

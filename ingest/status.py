@@ -30,7 +30,7 @@ from ingest.state import lock_key
 from ingest.validate import check_config
 
 #: Partition states counted in the table, in display order.
-PARTITION_STATES = ("done", "pending", "leased")
+PARTITION_STATES = ("done", "pending", "leased", "failed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +245,9 @@ async def _checkpoints(
     :func:`cursor_of` without this query changing.
     """
     rows = await connection.fetch(
-        "SELECT to_jsonb(c) AS row, c.updated_at FROM ingest.checkpoints c "
+        "SELECT to_jsonb(c) || jsonb_build_object('cursor', coalesce(k.value, c.cursor_max)) "
+        "AS row, c.updated_at FROM ingest.checkpoints c "
+        "LEFT JOIN ingest.cursors k ON k.source = c.source AND k.endpoint = c.endpoint "
         "WHERE c.source = $1 AND c.partition = ''",
         source,
     )
@@ -269,9 +271,9 @@ async def _checkpoints(
 def cursor_of(row: Mapping[str, Any]) -> tuple[str, dt.datetime | None]:
     """A checkpoint row's position as text, and as a time when it is one (for the lag).
 
-    An incremental cursor wins when there is one (a ``cursor``/``cursor_value`` column, or a
-    ``cursor`` key in the state); otherwise the position is the next page request's query, or
-    ``done``. Sensitive query values are hidden.
+    An incremental cursor wins when there is one (the committed high-water mark from
+    ``ingest.cursors``, else the walk's ``cursor_max`` so far); otherwise the position is the
+    next page request's query, or ``done``. Sensitive query values are hidden.
     """
     state = row.get("state") if isinstance(row.get("state"), dict) else {}
     assert isinstance(state, dict)
@@ -310,21 +312,22 @@ def _as_time(value: Any) -> dt.datetime | None:
 
 
 async def partition_counts(connection: Connection, source: str) -> dict[str, dict[str, int]]:
-    """Backfill partitions per endpoint and status, if the partitions table exists.
+    """Backfill partitions per endpoint: done, pending, leased (a live lease), failed.
 
-    Isolated here because that table arrives with a later migration (``ingest.partitions`` with
-    ``source, endpoint, status``); before it exists every endpoint shows no partitions.
+    A running partition whose lease has expired counts as pending: any worker may claim it.
+    Before migration 0002 there is no partitions table and every endpoint shows none.
     """
     if not await connection.fetchval("SELECT to_regclass('ingest.partitions') IS NOT NULL"):
         return {}
     rows = await connection.fetch(
-        "SELECT endpoint, status, count(*) AS count FROM ingest.partitions "
-        "WHERE source = $1 GROUP BY endpoint, status",
+        "SELECT endpoint, CASE WHEN status <> 'running' THEN status "
+        "WHEN lease_expires_at > now() THEN 'leased' ELSE 'pending' END AS state, "
+        "count(*) AS count FROM ingest.partitions WHERE source = $1 GROUP BY 1, 2",
         source,
     )
     counts: dict[str, dict[str, int]] = {}
     for row in rows:
-        counts.setdefault(row["endpoint"], {})[row["status"]] = row["count"]
+        counts.setdefault(row["endpoint"], {})[row["state"]] = row["count"]
     return counts
 
 
@@ -338,7 +341,7 @@ HEADER = (
     "duration",
     "checkpoint",
     "lag",
-    "partitions d/p/l",
+    "partitions d/p/l/f",
     "dead",
 )
 

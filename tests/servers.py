@@ -91,7 +91,7 @@ def page_number_app(
     past_end: str = "empty",
     wrap: bool = True,
 ) -> web.Application:
-    """``/items?page=N&per_page=M``; past the end: empty, a 404, the last or the first page again."""
+    """``/items?page=N&per_page=M``; past the end: empty, a 404, the last or first page again."""
 
     async def handler(request: web.Request) -> web.Response:
         page = int(request.query.get("page", "1"))

@@ -246,7 +246,7 @@ async def test_cursor_the_server_ignores_is_caught_before_writing_a_repeat(
             mode="append",
             pagination={"style": "cursor", "cursor_path": "next_cursor", "cursor_param": "after"},
         )
-        with pytest.raises(PaginationError, match="page 2 .* repeats the records of page 1"):
+        with pytest.raises(PaginationError, match=r"page 2 .* repeats the records of page 1"):
             await run(loaded, database)
     assert len(app[REQUESTS]) == 2
     assert await ids(db) in ([], list(range(1, 11)))

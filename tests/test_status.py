@@ -65,7 +65,7 @@ async def test_status_of_a_finished_run_shows_counts_retries_and_dead_letters(
     assert lines[0].startswith("source test  (last success: 20")
     assert lines[1].split() == [
         "endpoint", "last", "run", "result", "records", "duration", "checkpoint", "lag",
-        "partitions", "d/p/l", "dead",
+        "partitions", "d/p/l/f", "dead",
     ]  # fmt: skip
     row = lines[2].split()
     assert row[0] == "items" and "succeeded" in row and row[-1] == "18"
@@ -155,22 +155,28 @@ async def test_a_running_row_without_its_lock_is_shown_as_abandoned(
 async def test_status_counts_backfill_partitions_when_the_table_exists(
     database: str, db: Connection
 ) -> None:
-    # Stand-in for the partitions table a later migration adds (only these columns are read).
-    await db.execute(
-        "CREATE TABLE IF NOT EXISTS ingest.partitions (source text, endpoint text, status text)"
-    )
     await db.executemany(
-        "INSERT INTO ingest.partitions (source, endpoint, status) VALUES ('test', 'items', $1)",
-        [("done",), ("done",), ("done",), ("pending",), ("leased",)],
+        "INSERT INTO ingest.partitions "
+        "(source, endpoint, partition, lower_bound, upper_bound, status, lease_expires_at) "
+        "VALUES ('test', 'items', $1, 'a', 'b', $2, now() + make_interval(secs => $3))",
+        [
+            ("p1", "done", 0.0),
+            ("p2", "done", 0.0),
+            ("p3", "done", 0.0),
+            ("p4", "pending", 0.0),
+            ("p5", "running", 60.0),  # a live lease
+            ("p6", "running", -60.0),  # its worker died: claimable again
+            ("p7", "failed", 0.0),
+        ],
     )
     async with serve(gated_app(10)) as base:
         loaded = make_config(base, **gated_config())
     report = await collect_status(db, loaded)
     [endpoint] = report.sources[0].endpoints
-    assert endpoint.partitions == {"done": 3, "pending": 1, "leased": 1}
+    assert endpoint.partitions == {"done": 3, "pending": 2, "leased": 1, "failed": 1}
     assert endpoint.last_run is None
     row = render_status(report).splitlines()[2].split()
-    assert row == ["items", "never", "-", "-", "-", "-", "-", "3/1/1", "0"]
+    assert row == ["items", "never", "-", "-", "-", "-", "-", "3/2/1/1", "0"]
 
 
 async def test_status_cli_json_lists_every_recorded_source(

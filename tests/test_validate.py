@@ -12,6 +12,7 @@ import asyncpg
 from aiohttp import web
 
 from ingest.db import describe_dsn
+from ingest.migrate import discover
 from ingest.secrets import Redactor
 from ingest.validate import validate
 from tests.conftest import PYTHON
@@ -129,9 +130,10 @@ async def test_validate_reports_an_unmigrated_database_without_creating_the_sche
         config = tmp_path / "ok.toml"
         config.write_text(config_text(base, **gated_config()))
         result = await validate(config, empty_database, Redactor(), environ={})
+    pending_names = [f"{migration.version:04d}_{migration.name}" for migration in discover()]
     assert [str(problem) for problem in result.problems] == [
         f"database {describe_dsn(empty_database)}: ingest's schema is not up to date "
-        "(pending: 0001_core): run `ingest migrate`"
+        f"(pending: {', '.join(pending_names)}): run `ingest migrate`"
     ]
     connection = await asyncpg.connect(empty_database)
     try:

@@ -1,0 +1,145 @@
+"""Child endpoints: one walk per row of the parent's table, the path filled from that row.
+
+Why read the parents back from PostgreSQL instead of from the parent's stream: the parent's rows
+are committed, so the child has a stable, ordered list to resume in. Its checkpoint is either
+"inside parent K, next request R" or "every parent up to K is done", and nothing about the
+parent's own walk (its pagination, its retries) leaks into the child's. The pipeline runs a
+parent before its children in the same run.
+
+Parents are ordered by the text of their key columns (the parent table's primary key, or the
+columns the child uses), which is stable and needs no knowledge of the column types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
+from urllib.parse import quote as quote_url
+
+import asyncpg
+import structlog
+
+from ingest.config import PATH_PLACEHOLDER, Endpoint
+from ingest.errors import SourceError
+from ingest.paginate import make_paginator
+from ingest.sink import quote
+from ingest.source import FetchedPage, Fetcher, resume_request, start_request, walk_endpoint
+
+log = structlog.get_logger("ingest.children")
+
+#: Parent rows read per query (keyset pagination over the parent table).
+PARENT_BATCH = 500
+
+
+class ParentRows:
+    """The SQL that lists a child endpoint's parents in key order, in batches."""
+
+    def __init__(self, parent: Endpoint, child: Endpoint) -> None:
+        table = parent.table
+        self.child, self.parent = child.name, parent.name
+        self.table = f"{table.schema_}.{table.name}"
+        self.placeholders = tuple(dict.fromkeys(PATH_PLACEHOLDER.findall(child.path)))
+        self.keys = table.primary_key or tuple(
+            sorted({*self.placeholders, *child.parent_columns().values()})
+        )
+        self.columns = tuple(
+            dict.fromkeys((*self.keys, *child.parent_columns().values(), *self.placeholders))
+        )
+        key_text = ", ".join(f"{quote(key)}::text" for key in self.keys)
+        selected = ", ".join(quote(column) for column in self.columns)
+        not_null = " AND ".join(f"{quote(column)} IS NOT NULL" for column in self.placeholders)
+        where = f"WHERE {not_null or 'true'}"
+        after = ", ".join(f"${index + 1}" for index in range(len(self.keys)))
+        base = (
+            f"SELECT DISTINCT ON ({key_text}) {selected}, ARRAY[{key_text}] AS _ingest_key "
+            f"FROM {quote(table.schema_)}.{quote(table.name)} {where}"
+        )
+        order = f" ORDER BY {key_text} LIMIT {PARENT_BATCH}"
+        self.first_sql = base + order
+        self.after_sql = base + f" AND ({key_text}) > ({after})" + order
+        self.from_sql = base + f" AND ({key_text}) >= ({after})" + order
+
+    async def fetch(
+        self, pool: asyncpg.Pool, key: list[str] | None, *, inclusive: bool
+    ) -> list[asyncpg.Record]:
+        sql = self.first_sql if key is None else self.from_sql if inclusive else self.after_sql
+        try:
+            async with pool.acquire() as connection:
+                return list(await connection.fetch(sql, *(key or ())))
+        except asyncpg.UndefinedTableError:
+            raise SourceError(
+                f"endpoint {self.child}: the table of its parent {self.parent} "
+                f"({self.table}) does not exist yet: run endpoint {self.parent} first"
+            ) from None
+
+
+def fill_path(path: str, row: Mapping[str, Any]) -> str:
+    """``/customers/{id}/orders`` with ``{id}`` replaced by the URL-quoted parent value."""
+    return PATH_PLACEHOLDER.sub(lambda match: quote_url(str(row[match.group(1)]), safe=""), path)
+
+
+async def walk_children(
+    endpoint: Endpoint,
+    parent: Endpoint,
+    *,
+    pool: asyncpg.Pool,
+    fetcher: Fetcher,
+    base_url: str,
+    params: Mapping[str, str],
+    state: dict[str, Any] | None,
+    redact_url: Any = str,
+    pages_ahead: int = 1,
+    credential_params: frozenset[str] = frozenset(),
+) -> AsyncGenerator[FetchedPage, None]:
+    """Yield the pages of every parent's child walk; the last page's checkpoint is ``None``.
+
+    ``state`` is the checkpoint to resume from: ``{"parent": key, "request": ..., "paginator":
+    ...}`` (inside a parent's walk) or ``{"after": key}`` (parents up to ``key`` are done).
+    """
+    parents = ParentRows(parent, endpoint)
+    resume_key: list[str] | None = None
+    key: list[str] | None = None
+    inclusive = False
+    if state and "request" in state:
+        resume_key = key = list(state["parent"])
+        inclusive = True
+    elif state and "after" in state:
+        key = list(state["after"])
+    number = 0
+    while True:
+        rows = await parents.fetch(pool, key, inclusive=inclusive)
+        if not rows:
+            break
+        for row in rows:
+            key = list(row["_ingest_key"])
+            values = {column: row[column] for column in parents.columns}
+            paginator = make_paginator(endpoint.pagination)
+            resumed = state is not None and resume_key == key
+            if resumed:
+                assert state is not None
+                first = resume_request(state, paginator)
+            else:
+                base = start_request(base_url, endpoint, fill_path(endpoint.path, values))
+                first = paginator.first_request(base.with_params(**params))
+            resume_key = None
+            pages = walk_endpoint(
+                endpoint,
+                fetcher,
+                paginator,
+                first,
+                resumed=resumed,
+                redact_url=redact_url,
+                pages_ahead=pages_ahead,
+                credential_params=credential_params,
+            )
+            try:
+                async for page in pages:
+                    number += 1
+                    checkpoint = (
+                        {"parent": key, **page.checkpoint} if page.checkpoint else {"after": key}
+                    )
+                    yield FetchedPage(number, page.records, checkpoint, parent=values)
+            finally:
+                await pages.aclose()
+        inclusive = False
+    yield FetchedPage(number + 1, [], None)
