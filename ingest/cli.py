@@ -342,4 +342,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ingest: interrupted", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
+    except Exception as exc:  # a bug or an unforeseen failure: still one line, still redacted
+        if args.debug:
+            traceback.print_exc()
+        detail = " ".join(str(exc).split()) or "no details"
+        print(
+            f"ingest: error: unexpected {type(exc).__name__}: {redactor(detail)} "
+            "(rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return int(ExitCode.FAILED)
     raise AssertionError(f"unhandled command {args.command}")

@@ -38,9 +38,12 @@ def describe_dsn(dsn: str | None) -> str:
     """The DSN without its password, for messages."""
     if not dsn:
         return "the PG* environment variables"
-    parts = urlsplit(dsn)
-    host = parts.hostname or "local socket"
-    return f"postgresql://{parts.username or ''}@{host}:{parts.port or 5432}{parts.path}"
+    try:
+        parts = urlsplit(dsn)
+        host = parts.hostname or "local socket"
+        return f"postgresql://{parts.username or ''}@{host}:{parts.port or 5432}{parts.path}"
+    except ValueError:
+        return "a malformed DSN (expected postgresql://user:password@host:port/database)"
 
 
 @asynccontextmanager
@@ -48,7 +51,7 @@ async def open_pool(dsn: str | None, *, size: int) -> AsyncIterator[asyncpg.Pool
     """A connection pool; a connection failure becomes a one-line error naming the server."""
     try:
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max(2, size))
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         message = " ".join(str(exc).split())
         raise IngestError(
             f"cannot connect to PostgreSQL at {describe_dsn(dsn)}: {message} "

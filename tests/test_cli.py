@@ -130,3 +130,15 @@ async def test_demo_runs_against_the_given_database(cli_env: dict[str, str], dat
         assert await connection.fetchval("SELECT count(*) FROM demo_events") == 730
     finally:
         await connection.close()
+
+
+async def test_malformed_dsn_is_a_one_line_error_without_the_password(
+    cli_env: dict[str, str],
+) -> None:
+    code, out, err = await ingest(
+        "migrate", "--dsn", "postgresql://u:hunter2pass@[::1", env=cli_env
+    )
+    assert code == 1
+    assert err.startswith("ingest: error: cannot connect to PostgreSQL")
+    assert "hunter2pass" not in out + err
+    assert len(err.strip().splitlines()) == 1
