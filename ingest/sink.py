@@ -115,12 +115,16 @@ class TableSink:
         await self.merge(connection)
 
     async def stage(self, connection: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
-        """COPY a merge batch into this transaction's staging table."""
+        """COPY a merge batch into this transaction's staging table.
+
+        Rows may already end with their sequence number (``RowBuilder(sequence=True)`` adds it
+        while building, which saves rebuilding every tuple here); otherwise it is added.
+        """
         await connection.execute(self._staging_sql)
+        if rows and len(rows[0]) != len(self.columns) + 1:
+            rows = [(*row, seq) for seq, row in enumerate(rows)]
         await connection.copy_records_to_table(
-            self.staging_name,
-            columns=[*self.columns, SEQ_COLUMN],
-            records=[(*row, seq) for seq, row in enumerate(rows)],
+            self.staging_name, columns=[*self.columns, SEQ_COLUMN], records=rows
         )
 
     async def merge(self, connection: Connection) -> None:
