@@ -249,7 +249,7 @@ class Pipeline:
         state = _EndpointRun(
             endpoint=endpoint,
             sink=TableSink(endpoint.table),
-            builder=RowBuilder(endpoint.table, sequence=endpoint.table.mode == "merge"),
+            builder=RowBuilder(endpoint.table),
             queue=asyncio.Queue(maxsize=self.settings.queue_size),
             stats=stats,
             base_records=base_records,

@@ -169,16 +169,11 @@ POSTGRES_TYPES: dict[str, str] = {
 
 
 class RowBuilder:
-    """Builds the tuple for one record: the declared columns, then the raw JSON if stored.
+    """Builds the tuple for one record: the declared columns, then the raw JSON if stored."""
 
-    With ``sequence=True`` every row also ends with a running number (the merge staging table's
-    ``_ingest_seq``), added while the tuple is built instead of rebuilding every row later.
-    """
-
-    def __init__(self, table: Table, *, sequence: bool = False) -> None:
+    def __init__(self, table: Table) -> None:
         self.columns: tuple[str, ...] = tuple(table.columns)
         self.store_raw = table.store_raw
-        self.sequence = sequence
         required = set(table.primary_key)
         self._plan: list[tuple[str, Callable[[Any], Any], Converter, bool]] = [
             (
@@ -189,11 +184,10 @@ class RowBuilder:
             )
             for name, column in table.columns.items()
         ]
-        self._build_many = _compile_build_many(table, self._plan, self.build, sequence)
-        self._next_seq = 0
+        self._build_many = _compile_build_many(table, self._plan, self.build)
 
     def build(self, record: Any) -> tuple[Any, ...]:
-        """The row for ``record`` (without a sequence number), or :class:`RowError`."""
+        """The row for ``record``, or :class:`RowError` naming the column that failed."""
         values: list[Any] = []
         append = values.append
         for name, get, convert, required in self._plan:
@@ -219,8 +213,7 @@ class RowBuilder:
         Same result as calling :meth:`build` per record, but through a function compiled for
         this table (see :func:`_compile_build_many`), which is the per-record hot path.
         """
-        rows, rejected, self._next_seq = self._build_many(records, self._next_seq)
-        return rows, rejected
+        return self._build_many(records)
 
 
 def _column_slow_path(
@@ -256,8 +249,7 @@ def _compile_build_many(
     table: Table,
     plan: Sequence[tuple[str, Callable[[Any], Any], Converter, bool]],
     generic: Callable[[Any], tuple[Any, ...]],
-    sequence: bool,
-) -> Callable[[Sequence[Any], int], tuple[list[tuple[Any, ...]], list[tuple[Any, str]], int]]:
+) -> Callable[[Sequence[Any]], tuple[list[tuple[Any, ...]], list[tuple[Any, str]]]]:
     """Generate one loop for the table: no per-column function call when values are typed.
 
     Why generated code: with ~10 columns the generic path costs two Python calls per column per
@@ -324,29 +316,24 @@ def _compile_build_many(
         body.append(f"if not ({fast}): {value} = slow{index}({value})")
     if table.store_raw:
         names.append("raw(record)")
-    if sequence:
-        names.append("seq")
     row = "(" + ", ".join(names) + ("," if len(names) == 1 else "") + ")"
-    generic_row = "generic(record)" + (" + (seq,)" if sequence else "")
     indent = " " * 16
     source = "\n".join(
         [
-            "def build_many(records, seq):",
+            "def build_many(records):",
             "    rows = []",
             "    rejected = []",
             "    append = rows.append",
             "    for record in records:",
             "        try:",
             "            if type(record) is not dict:",
-            f"                append({generic_row})",
+            "                append(generic(record))",
             "            else:",
             *(indent + line for line in body),
             f"{indent}append({row})",
             "        except RowError as exc:",
             "            rejected.append((record, str(exc)))",
-            "            continue",
-            "        seq += 1",
-            "    return rows, rejected, seq",
+            "    return rows, rejected",
         ]
     )
     exec(compile(source, f"<rows for {table.name}>", "exec"), namespace)  # noqa: S102
