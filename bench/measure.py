@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import psutil
 
 
@@ -60,16 +61,27 @@ def _round(value: float | None) -> float | None:
 
 
 class PostgresCpu:
-    """Total CPU seconds used so far by a local PostgreSQL server (found from a backend PID)."""
+    """Total CPU seconds used so far by a local PostgreSQL server (found from a backend PID).
 
-    def __init__(self, backend_pid: int | None) -> None:
-        self.postmaster: psutil.Process | None = None
-        if backend_pid is None:
-            return
+    The server is shared with whatever else uses it; on a busy shared server the number
+    includes their work too, so prefer the embedded server (the default) for this column.
+    """
+
+    def __init__(self, postmaster: psutil.Process | None) -> None:
+        self.postmaster = postmaster
+
+    @classmethod
+    async def find(cls, dsn: str) -> PostgresCpu:
+        """Look up the postmaster as the parent of our own backend, while it is alive."""
+        connection = await asyncpg.connect(dsn)
         try:
-            self.postmaster = psutil.Process(backend_pid).parent()
-        except (psutil.Error, OSError):
-            self.postmaster = None
+            backend = await connection.fetchval("SELECT pg_backend_pid()")
+            try:
+                return cls(psutil.Process(backend).parent())
+            except (psutil.Error, OSError):
+                return cls(None)
+        finally:
+            await connection.close()
 
     def total(self) -> float | None:
         if self.postmaster is None:
@@ -94,6 +106,7 @@ def run_child(
     *,
     env: Mapping[str, str] | None = None,
     postgres: PostgresCpu,
+    cwd: str | None = None,
     timeout: float = 3600,
 ) -> tuple[Measured, str, str]:
     """Run ``command``; returns the measurement plus its stdout and stderr text."""
@@ -101,7 +114,9 @@ def run_child(
         pg_before = postgres.total()
         started = time.perf_counter()
         process = subprocess.Popen(
-            list(command), stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=dict(env or os.environ)
+            list(command), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+            env=dict(env or os.environ),
+            cwd=cwd,
         )
         deadline = started + timeout
         while True:

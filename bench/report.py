@@ -23,9 +23,10 @@ def _ratio(top: Measured | None, bottom: Measured | None) -> float | None:
 
 def targets(results: Sequence[Measured]) -> dict[str, Any]:
     copy = _find(results, "COPY ceiling")
-    append = _find(results, "ingest append")
-    merge = next((m for m in results if m.name == "ingest merge"), None)
-    merge_existing = next((m for m in results if m.name.startswith("ingest merge into")), None)
+    current = [m for m in results if "@" not in m.name]
+    append = _find(current, "ingest append")
+    merge = next((m for m in current if m.name == "ingest merge"), None)
+    merge_existing = next((m for m in current if m.name.startswith("ingest merge into")), None)
     ratios = {
         "append_vs_copy": _ratio(append, copy),
         "merge_vs_copy": _ratio(merge, copy),
@@ -34,7 +35,13 @@ def targets(results: Sequence[Measured]) -> dict[str, Any]:
         "append_vs_naive": _ratio(append, _find(results, "naive")),
         "append_vs_http_ceiling": _ratio(append, _find(results, "HTTP")),
     }
-    ingest_rss = [m.peak_rss_mb for m in results if m.name.startswith("ingest")]
+    before = [m for m in results if "@" in m.name]
+    if before:
+        ratios["append_vs_before"] = _ratio(append, _find(before, "ingest append"))
+        ratios["merge_vs_before"] = _ratio(
+            merge, next((m for m in before if m.name.startswith("ingest merge @")), None)
+        )
+    ingest_rss = [m.peak_rss_mb for m in current if m.name.startswith("ingest")]
     checks = {
         "append >= 85% of COPY": _check(ratios["append_vs_copy"], TARGETS["append_vs_copy"]),
         "merge >= 60% of COPY": _check(ratios["merge_vs_copy"], TARGETS["merge_vs_copy"]),
