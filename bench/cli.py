@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,9 @@ def _overrides(items: list[str]) -> dict[str, dict[str, Any]]:
         key, _, raw = item.partition("=")
         section, _, name = key.partition(".")
         if section not in sections or not name or not raw:
-            raise SystemExit(f"bench: --set {item!r}: expected pipeline.KEY=VALUE or http.KEY=VALUE")
+            raise SystemExit(
+                f"bench: --set {item!r}: expected pipeline.KEY=VALUE or http.KEY=VALUE"
+            )
         value: Any = raw
         with contextlib.suppress(ValueError):
             value = json.loads(raw)
@@ -102,6 +105,7 @@ def database(dsn: str | None, keep: bool) -> Iterator[tuple[str, str]]:
     if not dsn:
         from ingest.db import embedded_postgres  # noqa: PLC0415
 
+        warnings.filterwarnings("ignore", module="platformdirs")
         with embedded_postgres() as embedded:
             yield embedded, "embedded pgserver"
         return
@@ -141,7 +145,7 @@ def ensure_dlt(log: Any) -> Path | None:
     """The benchmark's own venv with ``dlt[postgres]``; None (and a message) if it can't be had."""
     python = DLT_VENV / "bin" / "python"
     probe = [str(python), "-c", "import dlt, psycopg2"]
-    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+    if python.exists() and subprocess.run(probe, capture_output=True, check=False).returncode == 0:
         return python
     log(f"installing dlt[postgres] into {DLT_VENV} ...")
     try:
@@ -166,6 +170,7 @@ def install_nginx(log: Any) -> None:
         ["apt-get", "install", "-y", "-q", "--no-install-recommends", "nginx-light"],
         capture_output=True,
         env=env,
+        check=False,
     )
     if result.returncode != 0:
         log("nginx could not be installed; using the aiohttp static server")
@@ -174,7 +179,9 @@ def install_nginx(log: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log = lambda message: print(f"[bench] {message}", flush=True)  # noqa: E731
-    records = args.records or MODES["quick" if args.quick else "large" if args.large else "standard"]
+    records = (
+        args.records or MODES["quick" if args.quick else "large" if args.large else "standard"]
+    )
     only = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(only) - set(CONTENDERS))
     if unknown:
@@ -194,9 +201,16 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{records:,} records, {dataset.pages:,} pages, {dataset.bytes / 1e6:.0f} MB of JSON")
         log(f"HTTP server: {served.kind} at {served.base_url}; PostgreSQL: {db_label}")
         postgres = asyncio.run(PostgresCpu.find(dsn))
-        run_child("migrate", [sys.executable, "-m", "ingest", "migrate", "--dsn", dsn], env=env, postgres=postgres)
+        run_child(
+            "migrate",
+            [sys.executable, "-m", "ingest", "migrate", "--dsn", dsn],
+            env=env,
+            postgres=postgres,
+        )
         common = ["--pages", str(dataset.pages), "--records", str(records)]
-        contenders = _plan(args, dataset, served.base_url, dsn, common, dlt_python, scratch, overrides)
+        contenders = _plan(
+            args, dataset, served.base_url, dsn, common, dlt_python, scratch, overrides
+        )
         if args.compare_ref:
             contenders += _compare_plan(args.compare_ref, served.base_url, dsn, scratch, args)
         for key, name, command, table, reset, *extra in contenders:
@@ -236,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                 if measured.records != records:
                     measured.note = f"expected {records} rows"
             if key == "dlt":
-                measured.note = f"dlt {measured.output.get('version')} {measured.output.get('phases')}"
+                measured.note = (
+                    f"dlt {measured.output.get('version')} {measured.output.get('phases')}"
+                )
             results.append(measured)
             log(
                 f"  {measured.records:,} records in {measured.wall:.1f} s = "
@@ -268,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _plan(
+def _plan(  # noqa: PLR0917 - one call site, all inputs of the plan
     args: argparse.Namespace,
     dataset: Dataset,
     base_url: str,
@@ -282,21 +298,88 @@ def _plan(
     py = sys.executable
     copy_reset = "DROP TABLE IF EXISTS bench_copy"
     contenders: list[tuple[str, str, list[str], str | None, str | None]] = [
-        ("http", "HTTP+parse ceiling", [py, "-m", "bench.contenders", "http", "--base-url", base_url, *common], None, None),
-        ("copy", "COPY ceiling, 1 conn", [py, "-m", "bench.contenders", "copy", "--dsn", dsn, "--data", str(dataset.root), "--connections", "1", *common], None, copy_reset),
-        ("copy", "COPY ceiling, 2 conns", [py, "-m", "bench.contenders", "copy", "--dsn", dsn, "--data", str(dataset.root), "--connections", "2", *common], "bench_copy", copy_reset),
-        ("naive", "naive gather+executemany", [py, "-m", "bench.contenders", "naive", "--base-url", base_url, "--dsn", dsn, *common], "bench_naive", "DROP TABLE IF EXISTS bench_naive"),
+        (
+            "http",
+            "HTTP+parse ceiling",
+            [py, "-m", "bench.contenders", "http", "--base-url", base_url, *common],
+            None,
+            None,
+        ),
+        (
+            "copy",
+            "COPY ceiling, 1 conn",
+            [
+                py,
+                "-m",
+                "bench.contenders",
+                "copy",
+                "--dsn",
+                dsn,
+                "--data",
+                str(dataset.root),
+                "--connections",
+                "1",
+                *common,
+            ],
+            None,
+            copy_reset,
+        ),
+        (
+            "copy",
+            "COPY ceiling, 2 conns",
+            [
+                py,
+                "-m",
+                "bench.contenders",
+                "copy",
+                "--dsn",
+                dsn,
+                "--data",
+                str(dataset.root),
+                "--connections",
+                "2",
+                *common,
+            ],
+            "bench_copy",
+            copy_reset,
+        ),
+        (
+            "naive",
+            "naive gather+executemany",
+            [py, "-m", "bench.contenders", "naive", "--base-url", base_url, "--dsn", dsn, *common],
+            "bench_naive",
+            "DROP TABLE IF EXISTS bench_naive",
+        ),
     ]
     if dlt_python is not None:
         contenders.append(
-            ("dlt", "dlt rest_api", [str(dlt_python), str(BENCH / "dlt_run.py"), base_url, dsn, "dlt_bench", scratch], "dlt_bench.items", None)
+            (
+                "dlt",
+                "dlt rest_api",
+                [str(dlt_python), str(BENCH / "dlt_run.py"), base_url, dsn, "dlt_bench", scratch],
+                "dlt_bench.items",
+                None,
+            )
         )
     for mode, table in (("append", "ingest_append"), ("merge", "ingest_merge")):
         config = Path(scratch) / f"{table}.toml"
         config.write_text(
             ingest_config(base_url, table=table, mode=mode, store_raw=args.store_raw, **overrides)
         )
-        command = [py, "-m", "ingest", "run", str(config), "--dsn", dsn, "--restart", "--log-format", "json", "--log-level", "warning"]
+        command = [
+            py,
+            "-m",
+            "ingest",
+            "run",
+            str(config),
+            "--dsn",
+            dsn,
+            "--restart",
+            "--log-format",
+            "json",
+            "--log-level",
+            "warning",
+        ]
         contenders.append((mode, f"ingest {mode}", command, table, f"DROP TABLE IF EXISTS {table}"))
         if mode == "merge":
             into = "1M" if dataset.records == 1_000_000 else f"{dataset.records:,}"

@@ -72,7 +72,7 @@ async def http_ceiling(base_url: str, pages: int, concurrency: int) -> int:
 
 
 async def copy_ceiling(
-    dsn: str, data: Path, pages: int, total: int, batch: int, connections: int
+    dsn: str, data: Path, *, pages: int, total: int, batch: int, connections: int
 ) -> tuple[int, float, float]:
     """COPY ``total`` rows; only the COPY phase is timed (returns records, seconds, cpu)."""
     builder = RowBuilder(_table("bench_copy"))
@@ -181,7 +181,12 @@ def main() -> None:
     else:
         count, seconds, copy_cpu = asyncio.run(
             copy_ceiling(
-                args.dsn, args.data, args.pages, args.records, args.batch, args.connections
+                args.dsn,
+                args.data,
+                pages=args.pages,
+                total=args.records,
+                batch=args.batch,
+                connections=args.connections,
             )
         )
         result = {"records": count, "timed_seconds": seconds, "timed_cpu": copy_cpu}

@@ -11,20 +11,22 @@ from __future__ import annotations
 import json
 import sys
 import time
-
 from urllib.parse import urlsplit, urlunsplit
 
 import dlt
 from dlt.sources.rest_api import rest_api_source
 
 
-def with_password(dsn: str) -> str:
-    """dlt insists on a password; trust/peer-authenticated servers ignore this placeholder."""
+def for_dlt(dsn: str) -> str:
+    """dlt insists on a password and a host. A placeholder password is ignored by trust/peer
+    authentication; a socket-only DSN (``postgresql://u@/db?host=/socket/dir``) gets the host
+    ``localhost`` in the URL while libpq still uses the ``host`` query parameter, which wins.
+    """
     parts = urlsplit(dsn)
-    if parts.password is not None or "@" not in parts.netloc:
-        return dsn
     user, _, host = parts.netloc.rpartition("@")
-    return urlunsplit(parts._replace(netloc=f"{user}:unused@{host}"))
+    if parts.password is None:
+        user = f"{user or 'postgres'}:unused"
+    return urlunsplit(parts._replace(netloc=f"{user}@{host or 'localhost'}"))
 
 
 def main() -> None:
@@ -48,7 +50,7 @@ def main() -> None:
     )
     pipeline = dlt.pipeline(
         pipeline_name="ingest_bench",
-        destination=dlt.destinations.postgres(credentials=with_password(dsn)),
+        destination=dlt.destinations.postgres(credentials=for_dlt(dsn)),
         dataset_name=dataset,
         pipelines_dir=pipelines_dir,
     )

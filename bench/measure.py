@@ -114,7 +114,10 @@ def run_child(
         pg_before = postgres.total()
         started = time.perf_counter()
         process = subprocess.Popen(
-            list(command), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+            list(command),
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
             env=dict(env or os.environ),
             cwd=cwd,
         )

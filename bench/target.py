@@ -66,7 +66,9 @@ def ingest_config(
         'path = "/items"',
         'records_path = "data"',
         "pagination = "
-        + _toml({"style": "page_number", "page_param": "page", "total_pages_path": "meta.total_pages"}),
+        + _toml(
+            {"style": "page_number", "page_param": "page", "total_pages_path": "meta.total_pages"}
+        ),
         "[endpoints.table]",
         f"name = {_toml(table)}",
         f"mode = {_toml(mode)}",

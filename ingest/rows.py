@@ -216,9 +216,7 @@ class RowBuilder:
         return self._build_many(records)
 
 
-def _column_slow_path(
-    name: str, convert: Converter, required: bool
-) -> Callable[[Any], Any]:
+def _column_slow_path(name: str, convert: Converter, required: bool) -> Callable[[Any], Any]:
     """Full handling of one value: missing/None, conversion, errors naming the column."""
 
     def slow(value: Any) -> Any:
@@ -280,7 +278,9 @@ def _compile_build_many(
         if steps and not any(step.lstrip("-").isdigit() for step in steps):
             body.append(f"{value} = record.get({steps[0]!r})")
             for step in steps[1:]:
-                body.append(f"{value} = {value}.get({step!r}) if type({value}) is dict else MISSING")
+                body.append(
+                    f"{value} = {value}.get({step!r}) if type({value}) is dict else MISSING"
+                )
         else:
             body.append(f"{value} = get{index}(record)")
         kind = table.columns[name].type
@@ -336,7 +336,7 @@ def _compile_build_many(
             "    return rows, rejected",
         ]
     )
-    exec(compile(source, f"<rows for {table.name}>", "exec"), namespace)  # noqa: S102
+    exec(compile(source, f"<rows for {table.name}>", "exec"), namespace)
     built: Any = namespace["build_many"]
     return built
 

@@ -60,9 +60,7 @@ class TableSink:
             f"{quote(name)} {POSTGRES_TYPES[column.type]}" for name, column in table.columns.items()
         )
         raw = f", {quote(RAW_COLUMN)} jsonb" if table.store_raw else ""
-        self._staging_sql = (
-            f"CREATE TEMP TABLE {self.staging} ({definitions}{raw}) ON COMMIT DROP"
-        )
+        self._staging_sql = f"CREATE TEMP TABLE {self.staging} ({definitions}{raw}) ON COMMIT DROP"
         positions = [self.columns.index(key) for key in table.primary_key]
         self._key: Callable[[tuple[Any, ...]], Any] = (
             operator.itemgetter(*positions) if positions else operator.itemgetter(slice(0, 0))
