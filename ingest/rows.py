@@ -18,6 +18,8 @@ from ingest.config import Column, Table
 from ingest.paths import MISSING, compile_path
 
 Converter = Callable[[Any], Any]
+#: records -> (rows, [(record, reason)]): the compiled per-table loop.
+BuildMany = Callable[[Sequence[Any]], tuple[list[tuple[Any, ...]], list[tuple[Any, str]]]]
 INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)
 
@@ -247,7 +249,7 @@ def _compile_build_many(
     table: Table,
     plan: Sequence[tuple[str, Callable[[Any], Any], Converter, bool]],
     generic: Callable[[Any], tuple[Any, ...]],
-) -> Callable[[Sequence[Any]], tuple[list[tuple[Any, ...]], list[tuple[Any, str]]]]:
+) -> BuildMany:
     """Generate one loop for the table: no per-column function call when values are typed.
 
     Why generated code: with ~10 columns the generic path costs two Python calls per column per
@@ -337,7 +339,7 @@ def _compile_build_many(
         ]
     )
     exec(compile(source, f"<rows for {table.name}>", "exec"), namespace)
-    built: Any = namespace["build_many"]
+    built: BuildMany = namespace["build_many"]
     return built
 
 
