@@ -119,9 +119,9 @@ def database(dsn: str | None, keep: bool) -> Iterator[tuple[str, str]]:
             await connection.close()
 
     asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    base, _, _ = dsn.partition("?")
+    base, mark, query = dsn.partition("?")
     prefix = base.rsplit("/", 1)[0] if base.count("/") > 2 else base
-    target = f"{prefix}/{name}"
+    target = f"{prefix}/{name}{mark}{query}"
     try:
         yield target, f"{prefix.split('@')[-1]}/{name} (from DSN)"
     finally:
