@@ -23,6 +23,7 @@ from ingest.http.client import HttpClient
 from ingest.migrate import pending
 from ingest.pipeline import Pipeline, RunOptions, RunResult
 from ingest.secrets import Redactor
+from ingest.tuning import relaxed_gc
 
 log = structlog.get_logger("ingest.runner")
 
@@ -102,7 +103,7 @@ async def run_source(
     ):
         pipeline = Pipeline(loaded, pool, http, options=options, redact_url=redactor.url)
         try:
-            with stop_on_signals(stop):
+            with stop_on_signals(stop), relaxed_gc():
                 result = await pipeline.run()
         except asyncio.CancelledError:
             raise InterruptedRun(

@@ -3,14 +3,18 @@
 The caller owns the transaction: a batch, its dead letters and its checkpoint commit together,
 so a crash at any point leaves either all of them or none.
 
-Append mode COPYs straight into the target table. Merge mode COPYs into a temporary staging
-table, then one ``INSERT ... SELECT DISTINCT ON (key) ... ON CONFLICT DO UPDATE`` so the last
-occurrence of a key within a batch wins and later batches overwrite earlier ones.
+Append mode COPYs straight into the target table. Merge mode keeps only the last occurrence of
+each key within a batch (in Python, one set of keys per batch), COPYs the batch into a temporary
+staging table, then runs one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE``, so later batches
+overwrite earlier ones. Deduplicating before the COPY (instead of ``SELECT DISTINCT ON (key) ...
+ORDER BY key, seq DESC`` in the database) spares PostgreSQL a sort of every batch, which spills
+to disk at the default ``work_mem`` for large batches; see docs/performance.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ingest.config import Table
@@ -20,7 +24,6 @@ from ingest.rows import POSTGRES_TYPES
 
 RAW_COLUMN = "_ingest_raw"
 LOADED_AT_COLUMN = "_ingest_loaded_at"
-SEQ_COLUMN = "_ingest_seq"
 
 
 def quote(identifier: str) -> str:
@@ -49,8 +52,7 @@ class TableSink:
         updates = f"{updates}, " if updates else ""
         self._merge_sql = (
             f"INSERT INTO {self.qualified} ({column_list}) "
-            f"SELECT DISTINCT ON ({keys}) {column_list} FROM {self.staging} "
-            f"ORDER BY {keys}, {quote(SEQ_COLUMN)} DESC "
+            f"SELECT {column_list} FROM {self.staging} "
             f"ON CONFLICT ({keys}) DO UPDATE SET {updates}"
             f"{quote(LOADED_AT_COLUMN)} = now()"
         )
@@ -58,9 +60,10 @@ class TableSink:
             f"{quote(name)} {POSTGRES_TYPES[column.type]}" for name, column in table.columns.items()
         )
         raw = f", {quote(RAW_COLUMN)} jsonb" if table.store_raw else ""
-        self._staging_sql = (
-            f"CREATE TEMP TABLE {self.staging} ({definitions}{raw}, {quote(SEQ_COLUMN)} bigint) "
-            "ON COMMIT DROP"
+        self._staging_sql = f"CREATE TEMP TABLE {self.staging} ({definitions}{raw}) ON COMMIT DROP"
+        positions = [self.columns.index(key) for key in table.primary_key]
+        self._key: Callable[[tuple[Any, ...]], Any] = (
+            operator.itemgetter(*positions) if positions else operator.itemgetter(slice(0, 0))
         )
 
     def create_sql(self) -> str:
@@ -125,13 +128,22 @@ class TableSink:
         await self.merge(connection)
 
     async def stage(self, connection: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
-        """COPY a merge batch into this transaction's staging table."""
+        """COPY a merge batch, last occurrence of each key only, into the staging table."""
         await connection.execute(self._staging_sql)
         await connection.copy_records_to_table(
-            self.staging_name,
-            columns=[*self.columns, SEQ_COLUMN],
-            records=[(*row, seq) for seq, row in enumerate(rows)],
+            self.staging_name, columns=list(self.columns), records=self.last_per_key(rows)
         )
+
+    def last_per_key(self, rows: Sequence[tuple[Any, ...]]) -> Sequence[tuple[Any, ...]]:
+        """``rows`` with only the last occurrence of each primary key (usually all of them).
+
+        Python and PostgreSQL agree on key equality for every column type ingest converts to
+        (int, str, Decimal, datetime, date, bool, float except NaN).
+        """
+        keys = list(map(self._key, rows))
+        if len(set(keys)) == len(keys):
+            return rows
+        return list(dict(zip(keys, rows, strict=True)).values())
 
     async def merge(self, connection: Connection) -> None:
         """Upsert the staged batch into the target; the last occurrence of a key wins."""

@@ -1,0 +1,89 @@
+"""The printed table, the ratios, and the targets of the benchmark issue."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from bench.measure import Measured
+
+TARGETS = {"append_vs_copy": 0.85, "merge_vs_copy": 0.60, "vs_dlt": 20.0, "rss_mb": 150.0}
+
+
+def _find(results: Sequence[Measured], prefix: str) -> Measured | None:
+    matches = [m for m in results if m.name.startswith(prefix)]
+    return max(matches, key=lambda m: m.rate) if matches else None
+
+
+def _ratio(top: Measured | None, bottom: Measured | None) -> float | None:
+    if top is None or bottom is None or bottom.rate == 0:
+        return None
+    return round(top.rate / bottom.rate, 3)
+
+
+def targets(results: Sequence[Measured]) -> dict[str, Any]:
+    copy = _find(results, "COPY ceiling")
+    current = [m for m in results if "@" not in m.name]
+    append = _find(current, "ingest append")
+    merge = next((m for m in current if m.name == "ingest merge"), None)
+    merge_existing = next((m for m in current if m.name.startswith("ingest merge into")), None)
+    ratios = {
+        "append_vs_copy": _ratio(append, copy),
+        "merge_vs_copy": _ratio(merge, copy),
+        "merge_existing_vs_copy": _ratio(merge_existing, copy),
+        "append_vs_dlt": _ratio(append, _find(results, "dlt")),
+        "append_vs_naive": _ratio(append, _find(results, "naive")),
+        "append_vs_http_ceiling": _ratio(append, _find(results, "HTTP")),
+    }
+    before = [m for m in results if "@" in m.name]
+    if before:
+        ratios["append_vs_before"] = _ratio(append, _find(before, "ingest append"))
+        ratios["merge_vs_before"] = _ratio(
+            merge, next((m for m in before if m.name.startswith("ingest merge @")), None)
+        )
+    ingest_rss = [m.peak_rss_mb for m in current if m.name.startswith("ingest")]
+    checks = {
+        "append >= 85% of COPY": _check(ratios["append_vs_copy"], TARGETS["append_vs_copy"]),
+        "merge >= 60% of COPY": _check(ratios["merge_vs_copy"], TARGETS["merge_vs_copy"]),
+        "ingest >= 20x dlt": _check(ratios["append_vs_dlt"], TARGETS["vs_dlt"]),
+        "ingest peak RSS < 150 MB": (max(ingest_rss) < TARGETS["rss_mb"]) if ingest_rss else None,
+    }
+    return {"ratios": ratios, "targets": checks}
+
+
+def _check(value: float | None, floor: float) -> bool | None:
+    return None if value is None else value >= floor
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "-" if value is None else format(value, pattern)
+
+
+def render(meta: dict[str, Any], results: Sequence[Measured]) -> str:
+    header = (
+        f"{'contender':<34} {'records':>10} {'wall s':>8} {'records/s':>11} "
+        f"{'CPU s/M':>8} {'PG CPU s/M':>10} {'peak RSS MB':>11}"
+    )
+    lines = [
+        "",
+        f"ingest benchmark: {meta['records']:,} records ({meta['json_bytes'] / 1e6:.0f} MB JSON), "
+        f"HTTP {meta['http_server']}, PostgreSQL {meta['postgres_version']} ({meta['postgres']}), "
+        f"{meta['cpus']} CPUs",
+        header,
+        "-" * len(header),
+    ]
+    for m in results:
+        lines.append(
+            f"{m.name:<34} {m.records:>10,} {m.wall:>8.1f} {m.rate:>11,.0f} "
+            f"{_fmt(m.per_million(m.cpu), '.1f'):>8} {_fmt(m.per_million(m.pg_cpu), '.1f'):>10} "
+            f"{m.peak_rss_mb:>11.0f}" + (f"  {m.note}" if m.note else "")
+        )
+    summary = targets(results)
+    lines.append("")
+    for name, value in summary["ratios"].items():
+        lines.append(f"  {name:<26} {_fmt(value, '.3f')}")
+    lines.append("")
+    for name, ok in summary["targets"].items():
+        verdict = "n/a" if ok is None else ("PASS" if ok else "FAIL")
+        lines.append(f"  {verdict:<5} {name}")
+    return "\n".join(lines)

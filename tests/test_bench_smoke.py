@@ -1,0 +1,39 @@
+"""The benchmark's dataset and ingest config are valid (the benchmark itself is not a test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+
+from bench.dataset import PAGE_SIZE, ensure_dataset, page_document, record
+from bench.target import COLUMNS, ingest_config
+from ingest.config import parse_config
+from ingest.rows import RowBuilder
+
+
+def test_records_are_about_260_bytes_and_deterministic() -> None:
+    sizes = [len(orjson.dumps(record(index))) for index in (1, 999, 123_456, 4_999_999)]
+    assert all(220 <= size <= 290 for size in sizes), sizes
+    assert record(42) == record(42)
+
+
+def test_pages_carry_the_total_and_the_last_page_is_short(tmp_path: Path) -> None:
+    dataset = ensure_dataset(2_500, root=tmp_path, log=lambda _: None)
+    assert dataset.pages == 3
+    last = orjson.loads(dataset.page_path(3).read_bytes())
+    assert [item["id"] for item in last["data"]] == list(range(2_001, 2_501))
+    assert last["meta"] == {"page": 3, "total_pages": 3, "total": 2_500}
+    assert len(page_document(1, 2_500)["data"]) == PAGE_SIZE
+    assert ensure_dataset(2_500, root=tmp_path, log=lambda _: None) == dataset
+
+
+def test_ingest_config_converts_every_generated_record() -> None:
+    for mode in ("append", "merge"):
+        text = ingest_config("http://127.0.0.1:1", table="bench_items", mode=mode)
+        loaded = parse_config(text, Path("bench.toml"), {})
+        table = loaded.source.endpoints[0].table
+        assert tuple(table.columns) == tuple(COLUMNS)
+        rows, rejected = RowBuilder(table).build_many(page_document(7, 10_000)["data"])
+        assert rejected == []
+        assert len(rows) == PAGE_SIZE
