@@ -293,7 +293,7 @@ class Pipeline:
                             self._run_endpoint(endpoint), name=f"endpoint:{endpoint.name}"
                         )
             except BaseExceptionGroup as group_error:
-                raise _first_error(group_error) from None
+                raise first_error(group_error) from None
             if self.options.stop is not None and self.options.stop.is_set():
                 # Children wait for the next run: counted as unfinished, so the run is resumable.
                 for endpoint in endpoints:
@@ -665,8 +665,11 @@ def _waves(endpoints: Sequence[Endpoint]) -> list[list[Endpoint]]:
     return waves
 
 
-def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:
-    """The most telling exception of a task group: an IngestError if there is one."""
+def first_error(
+    group: BaseExceptionGroup[Any], preferred: tuple[type[BaseException], ...] = (IngestError,)
+) -> BaseException:
+    """The most telling exception of a task group: the first of the ``preferred`` kinds, in
+    their order of preference, else the first one raised."""
     leaves: list[BaseException] = []
 
     def collect(error: BaseException) -> None:
@@ -677,9 +680,10 @@ def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:
             leaves.append(error)
 
     collect(group)
-    for leaf in leaves:
-        if isinstance(leaf, IngestError):
-            return leaf
+    for kind in preferred:
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
     return leaves[0]
 
 

@@ -30,7 +30,7 @@ from ingest.db import Connection
 from ingest.errors import ConfigError, IngestError, InterruptedRun, LeaseLostError
 from ingest.events import NullObserver, RunObserver
 from ingest.leases import PartitionRow
-from ingest.pipeline import EndpointStats, Partition, Pipeline, RunOptions
+from ingest.pipeline import EndpointStats, Partition, Pipeline, RunOptions, first_error
 from ingest.runner import connected, stop_on_signals
 from ingest.secrets import Redactor
 from ingest.source import Fetcher
@@ -185,7 +185,7 @@ class Worker:
                     beat.cancel()
         except BaseExceptionGroup as group_error:
             self.pipeline.stats.pop(f"{endpoint.name}[{row.key}]", None)
-            error = _first(group_error)
+            error = first_error(group_error, (LeaseLostError, IngestError, Exception))
             if isinstance(error, LeaseLostError):
                 self.result.lost += 1
                 log.warning("partition_lease_lost", endpoint=row.endpoint, partition=row.key)
@@ -242,24 +242,6 @@ class Worker:
         totals.batches += stats.batches
         totals.finished = totals.finished or time.monotonic()
         self.result.records += stats.records
-
-
-def _first(group: BaseExceptionGroup[Any]) -> BaseException:
-    leaves: list[BaseException] = []
-
-    def collect(error: BaseException) -> None:
-        if isinstance(error, BaseExceptionGroup):
-            for inner in error.exceptions:
-                collect(inner)
-        else:
-            leaves.append(error)
-
-    collect(group)
-    for preferred in (LeaseLostError, IngestError, Exception):
-        for leaf in leaves:
-            if isinstance(leaf, preferred):
-                return leaf
-    return leaves[0]
 
 
 async def run_worker(

@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 from typing import Any
 
+import asyncpg
 from aiohttp import web
 
 from tests.servers import TRICKY_TEXT, _app, json_response
@@ -156,3 +157,12 @@ name = {{ path = "name" }}
 amount = {{ path = "amount", type = "bigint" }}
 updated_at = {{ path = "updated_at", type = "timestamptz" }}
 """
+
+
+async def events_table(db: asyncpg.Connection) -> list[tuple[Any, ...]]:
+    """Every row of ``events``, duplicates included, in a stable order."""
+    rows = await db.fetch("SELECT id, name, amount, updated_at FROM events ORDER BY id, name")
+    return [
+        (row["id"], row["name"], row["amount"], iso(row["updated_at"].astimezone(dt.UTC)))
+        for row in rows
+    ]

@@ -21,6 +21,7 @@ from ingest.secrets import Redactor
 from ingest.worker import Worker, WorkerOptions, WorkerResult
 from tests.processes import run_cli, spawn, wait_until
 from tests.resume_servers import EPOCH, changes_app, events_config, iso, timed_records
+from tests.resume_servers import events_table as table
 from tests.servers import REQUESTS, serve
 
 Connection = asyncpg.Connection
@@ -31,14 +32,6 @@ cursor_path = "updated_at"
 param = "since"
 end_param = "until"
 """
-
-
-async def table(db: Connection) -> list[tuple[Any, ...]]:
-    rows = await db.fetch("SELECT id, name, amount, updated_at FROM events ORDER BY id, name")
-    return [
-        (row["id"], row["name"], row["amount"], iso(row["updated_at"].astimezone(dt.UTC)))
-        for row in rows
-    ]
 
 
 def source(records: list[dict[str, Any]], until: dt.datetime) -> list[tuple[Any, ...]]:

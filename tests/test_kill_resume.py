@@ -21,7 +21,8 @@ from ingest.config import parse_config
 from ingest.errors import ExitCode, SinkError
 from tests.helpers import run
 from tests.processes import Cli, run_cli, spawn, wait_until
-from tests.resume_servers import Valve, changes_app, events_config, iso, timed_records
+from tests.resume_servers import Valve, changes_app, events_config, timed_records
+from tests.resume_servers import events_table as table
 from tests.servers import REQUESTS, serve
 
 Connection = asyncpg.Connection
@@ -34,15 +35,6 @@ cursor_path = "updated_at"
 param = "since"
 start = "2024-12-31T00:00:00Z"
 """
-
-
-async def table(db: Connection) -> list[tuple[Any, ...]]:
-    """Every row, duplicates included, in a stable order."""
-    rows = await db.fetch("SELECT id, name, amount, updated_at FROM events ORDER BY id, name")
-    return [
-        (row["id"], row["name"], row["amount"], iso(row["updated_at"].astimezone(dt.UTC)))
-        for row in rows
-    ]
 
 
 def source(records: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
