@@ -117,7 +117,12 @@ class _RepeatGuard:
 
 
 def extract_records(document: Any, records_path: str, endpoint: str, url: str) -> list[Any]:
-    """The list of records in a page body; a missing path is an error, null is an empty page."""
+    """The list of records in a page body; a missing path is an error, null is an empty page.
+
+    A body that is null altogether (or an HTTP 204) is an empty page too.
+    """
+    if document is None:
+        return []
     value = compile_path(records_path)(document)
     if value is MISSING:
         keys = (

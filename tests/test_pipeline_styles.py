@@ -11,6 +11,7 @@ from tests.helpers import ids, make_config, run, table_rows
 from tests.servers import (
     REQUESTS,
     cursor_app,
+    json_response,
     link_header_app,
     make_records,
     next_url_app,
@@ -250,3 +251,25 @@ async def test_cursor_the_server_ignores_is_caught_before_writing_a_repeat(
             await run(loaded, database)
     assert len(app[REQUESTS]) == 2
     assert await ids(db) in ([], list(range(1, 11)))
+
+
+async def test_204_no_content_past_the_end_is_an_empty_page(database: str, db: Connection) -> None:
+    from aiohttp import web  # noqa: PLC0415
+
+    records = make_records(25)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        page = int(request.query["page"])
+        items = records[(page - 1) * 10 : page * 10]
+        if not items:
+            return web.Response(status=204)
+        return json_response({"data": items})
+
+    app = web.Application()
+    app.router.add_get("/items", handler)
+    async with serve(app) as base:
+        loaded = make_config(base, records_path="data", pagination={"style": "page_number"})
+        result = await run(loaded, database)
+    assert result.endpoints["items"].records == 25
+    assert result.retries == {}
+    assert await ids(db) == list(range(1, 26))

@@ -325,6 +325,9 @@ class HttpClient:
                 f"{self.redactor(_excerpt(body))}",
                 status,
             )
+        if status == 204:
+            # No Content: some APIs answer a page past the end this way; it is an empty page.
+            return HttpResponse(final_url, status, headers, body, None)
         content_type = headers.get("content-type", "")
         if content_type and "json" not in content_type.lower():
             raise RetryableError(f"content type {content_type!r} is not JSON", "content_type")
