@@ -601,7 +601,8 @@ class Pipeline:
                 endpoint=state.endpoint.name,
                 partition=state.partition_key,
                 sequence=sequence,
-                reason=_one_line(exc),
+                # The class only: PostgreSQL's message quotes the offending value (record data).
+                reason=type(exc).__name__,
             )
             return None
 

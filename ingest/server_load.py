@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 
 
 #: Errors that mean "some value does not fit": the batch goes through the Python path instead.
-#: Class 22 (data exception: casts, NUL, ranges) and 23 (integrity: a NOT NULL column).
+#: Class 22 (data exception: casts, NUL, ranges), 23 (integrity: a NOT NULL column) and 54
+#: (a limit, e.g. a page too large for one jsonb value).
 #: work_mem for the merge's sort of one batch (10,000 records of ~1 KB sort in well under this).
 MERGE_WORK_MEM = "64MB"
 
@@ -45,6 +46,7 @@ class FallBack(Exception):
 FALLBACK_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.DataError,
     asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError,
     FallBack,
 )
 
