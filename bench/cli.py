@@ -35,7 +35,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 DLT_VENV = BENCH / ".venv-dlt"
 RESULTS = BENCH / "results"
-CONTENDERS = ("http", "copy", "naive", "dlt", "append", "merge")
+CONTENDERS = ("http", "copy", "naive", "dlt", "append", "merge", "append-server", "merge-server")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -361,10 +361,18 @@ def _plan(  # noqa: PLR0917 - one call site, all inputs of the plan
                 None,
             )
         )
-    for mode, table in (("append", "ingest_append"), ("merge", "ingest_merge")):
+    variants = (
+        ("append", "ingest_append", "python"),
+        ("merge", "ingest_merge", "python"),
+        ("append", "ingest_append_server", "server"),
+        ("merge", "ingest_merge_server", "server"),
+    )
+    for mode, table, load in variants:
         config = Path(scratch) / f"{table}.toml"
         config.write_text(
-            ingest_config(base_url, table=table, mode=mode, store_raw=args.store_raw, **overrides)
+            ingest_config(
+                base_url, table=table, mode=mode, store_raw=args.store_raw, load=load, **overrides
+            )
         )
         command = [
             py,
@@ -380,10 +388,15 @@ def _plan(  # noqa: PLR0917 - one call site, all inputs of the plan
             "--log-level",
             "warning",
         ]
-        contenders.append((mode, f"ingest {mode}", command, table, f"DROP TABLE IF EXISTS {table}"))
+        key = mode if load == "python" else f"{mode}-server"
+        label = f"ingest {mode}" + (" (server)" if load == "server" else "")
+        contenders.append((key, label, command, table, f"DROP TABLE IF EXISTS {table}"))
         if mode == "merge":
             into = "1M" if dataset.records == 1_000_000 else f"{dataset.records:,}"
-            contenders.append((mode, f"ingest merge into {into}-row table", command, table, None))
+            suffix = " (server)" if load == "server" else ""
+            contenders.append(
+                (key, f"ingest merge into {into}-row table{suffix}", command, table, None)
+            )
     return contenders
 
 

@@ -24,13 +24,18 @@ def _ratio(top: Measured | None, bottom: Measured | None) -> float | None:
 def targets(results: Sequence[Measured]) -> dict[str, Any]:
     copy = _find(results, "COPY ceiling")
     current = [m for m in results if "@" not in m.name]
-    append = _find(current, "ingest append")
+    # The default load path; the opt-in ``load = "server"`` rows get ratios of their own.
+    append = next((m for m in current if m.name == "ingest append"), None)
     merge = next((m for m in current if m.name == "ingest merge"), None)
+    append_server = next((m for m in current if m.name == "ingest append (server)"), None)
+    merge_server = next((m for m in current if m.name == "ingest merge (server)"), None)
     merge_existing = next((m for m in current if m.name.startswith("ingest merge into")), None)
     ratios = {
         "append_vs_copy": _ratio(append, copy),
         "merge_vs_copy": _ratio(merge, copy),
         "merge_existing_vs_copy": _ratio(merge_existing, copy),
+        "append_server_vs_copy": _ratio(append_server, copy),
+        "merge_server_vs_copy": _ratio(merge_server, copy),
         "append_vs_dlt": _ratio(append, _find(results, "dlt")),
         "append_vs_naive": _ratio(append, _find(results, "naive")),
         "append_vs_http_ceiling": _ratio(append, _find(results, "HTTP")),

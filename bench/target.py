@@ -46,6 +46,7 @@ def ingest_config(
     table: str,
     mode: str,
     store_raw: bool = False,
+    load: str = "python",
     pipeline: dict[str, Any] | None = None,
     http: dict[str, Any] | None = None,
 ) -> str:
@@ -73,6 +74,7 @@ def ingest_config(
         f"name = {_toml(table)}",
         f"mode = {_toml(mode)}",
         f"store_raw = {_toml(store_raw)}",
+        f"load = {_toml(load)}",
     ]
     if mode == "merge":
         lines.append('primary_key = ["id"]')

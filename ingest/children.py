@@ -138,7 +138,9 @@ async def walk_children(
                     checkpoint = (
                         {"parent": key, **page.checkpoint} if page.checkpoint else {"after": key}
                     )
-                    yield FetchedPage(number, page.records, checkpoint, parent=values)
+                    yield FetchedPage(
+                        number, page.records, checkpoint, parent=values, body=page.body
+                    )
             finally:
                 await pages.aclose()
         inclusive = False

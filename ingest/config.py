@@ -68,6 +68,9 @@ class Table(_Frozen):
     primary_key: tuple[str, ...] = ()
     columns: dict[str, Column]
     store_raw: bool = True
+    #: Who converts records to rows: ``python`` (RowBuilder + COPY) or ``server`` (PostgreSQL
+    #: unpacks each page's JSON; see :mod:`ingest.server_load`).
+    load: Literal["python", "server"] = "python"
 
     @field_validator("name")
     @classmethod
@@ -239,6 +242,13 @@ class Endpoint(_Frozen):
             for name, column in self.table.columns.items():
                 if column.path.startswith(PARENT_PREFIX):
                     raise ValueError(f"column {name} reads {column.path!r} but there is no parent")
+        elif self.table.load == "server":
+            for name, column in self.table.columns.items():
+                if column.path.startswith(PARENT_PREFIX):
+                    raise ValueError(
+                        f'column {name} reads {column.path!r}, which table.load = "server" '
+                        'cannot do (PostgreSQL sees only the page); use load = "python"'
+                    )
         return self
 
     def parent_columns(self) -> dict[str, str]:

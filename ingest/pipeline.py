@@ -45,6 +45,7 @@ from ingest.http.messages import PageRequest
 from ingest.paginate import make_paginator
 from ingest.paths import compile_path
 from ingest.rows import RowBuilder
+from ingest.server_load import FALLBACK_ERRORS, ServerLoad
 from ingest.sink import TableSink
 from ingest.source import FetchedPage, Fetcher, resume_request, start_request, walk_endpoint
 from ingest.state import (
@@ -157,6 +158,7 @@ class _EndpointRun:
     endpoint: Endpoint
     sink: TableSink
     builder: RowBuilder
+    server: ServerLoad | None
     queue: asyncio.Queue[Any]
     stats: EndpointStats
     base_records: int
@@ -324,10 +326,12 @@ class Pipeline:
                     await partition.fence(connection, True)
             return
         cursor = endpoint.incremental.kind() if endpoint.incremental else None
+        sink = TableSink(endpoint.table)
         state = _EndpointRun(
             endpoint=endpoint,
-            sink=TableSink(endpoint.table),
+            sink=sink,
             builder=RowBuilder(endpoint.table),
+            server=ServerLoad(endpoint, sink) if endpoint.table.load == "server" else None,
             queue=asyncio.Queue(maxsize=self.settings.queue_size),
             stats=stats,
             base_records=checkpoint.records if resuming and checkpoint else 0,
@@ -497,21 +501,29 @@ class Pipeline:
         endpoint = state.endpoint
         rows: list[tuple[Any, ...]] = []
         rejected: list[tuple[Any, str]] = []
-        for page in pages:
-            good, bad = state.builder.build_many(page.records, page.parent)
-            rows.extend(good)
-            rejected.extend(bad)
+        if state.server is None:
+            rows, rejected = self._build_rows(state, pages)
+        written = len(rows)
         batch_max = self._batch_cursor(state, pages)
         merge = endpoint.table.mode == "merge"
         last = pages[-1].checkpoint
         try:
             async with self.pool.acquire() as connection, connection.transaction():
-                if merge:
-                    await state.sink.stage(connection, rows)
+                loaded = None
+                if state.server is not None:
+                    loaded = await self._load_on_server(state, connection, pages, sequence)
+                if loaded is not None:
+                    written = loaded
                 else:
-                    await state.sink.write(connection, rows)
+                    if state.server is not None:
+                        rows, rejected = self._build_rows(state, pages)
+                        written = len(rows)
+                    if merge:
+                        await state.sink.stage(connection, rows)
+                    else:
+                        await state.sink.write(connection, rows)
                 await state.gate.wait_turn(sequence)
-                if merge and rows:
+                if merge and written:
                     await state.sink.merge(connection)
                 if rejected:
                     self._count_dead_letters(state, len(rejected))
@@ -525,34 +537,74 @@ class Pipeline:
                 if state.partition is not None and state.partition.fence is not None:
                     await state.partition.fence(connection, last is None)
                 cursor_max = _larger(state.cursor_max, batch_max)
-                await self._save_progress(connection, state, pages, len(rows), cursor_max)
+                await self._save_progress(connection, state, pages, written, cursor_max)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             where = f" partition {state.partition_key}" if state.partition else ""
             raise SinkError(
-                f"endpoint {endpoint.name}{where}: writing a batch of {len(rows)} rows to "
+                f"endpoint {endpoint.name}{where}: writing a batch of {written} rows to "
                 f"{endpoint.table.schema_}.{endpoint.table.name} failed "
                 f"({type(exc).__name__}: {_one_line(exc)}); nothing of it was committed and "
                 "the last checkpoint holds: rerun to resume"
             ) from None
         state.cursor_max = cursor_max
         stats = state.stats
-        stats.records += len(rows)
+        stats.records += written
         stats.pages += len(pages)
         stats.dead_letters += len(rejected)
         stats.batches += 1
         self.options.observer.batch_committed(
-            endpoint.name, rows=len(rows), pages=len(pages), dead_letters=len(rejected)
+            endpoint.name, rows=written, pages=len(pages), dead_letters=len(rejected)
         )
         log.debug(
             "batch_committed",
             endpoint=endpoint.name,
             partition=state.partition_key,
             sequence=sequence,
-            rows=len(rows),
+            rows=written,
             dead_letters=len(rejected),
             page=pages[-1].number,
         )
         await state.gate.committed(sequence)
+
+    @staticmethod
+    def _build_rows(
+        state: _EndpointRun, pages: list[FetchedPage]
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, str]]]:
+        """Rows of the good records and (record, reason) of the rest, converted in Python."""
+        rows: list[tuple[Any, ...]] = []
+        rejected: list[tuple[Any, str]] = []
+        for page in pages:
+            good, bad = state.builder.build_many(page.records, page.parent)
+            rows.extend(good)
+            rejected.extend(bad)
+        return rows, rejected
+
+    async def _load_on_server(
+        self,
+        state: _EndpointRun,
+        connection: Connection,
+        pages: list[FetchedPage],
+        sequence: int,
+    ) -> int | None:
+        """Let PostgreSQL convert the batch (``load = "server"``); ``None``: use Python instead.
+
+        The statements run in a savepoint, so a value PostgreSQL rejects leaves nothing behind
+        and the same transaction writes the batch the Python way, dead letters included.
+        """
+        assert state.server is not None
+        try:
+            async with connection.transaction():
+                return await state.server.load(connection, pages)
+        except FALLBACK_ERRORS as exc:
+            log.info(
+                "server_load_fallback",
+                endpoint=state.endpoint.name,
+                partition=state.partition_key,
+                sequence=sequence,
+                # The class only: PostgreSQL's message quotes the offending value (record data).
+                reason=type(exc).__name__,
+            )
+            return None
 
     def _batch_cursor(self, state: _EndpointRun, pages: list[FetchedPage]) -> CursorValue | None:
         incremental = state.endpoint.incremental

@@ -51,6 +51,8 @@ class FetchedPage:
     total: int | None = None  # the record total the server reported so far, if any
     #: For a child endpoint: the parent row this page was fetched for (``$parent.`` columns).
     parent: Mapping[str, Any] | None = None
+    #: The raw page body, kept only for tables with ``load = "server"`` (PostgreSQL unpacks it).
+    body: bytes | None = None
 
 
 def start_request(base_url: str, endpoint: Endpoint, path: str | None = None) -> PageRequest:
@@ -162,6 +164,7 @@ async def walk_endpoint(
     """
     guard = _LoopGuard(endpoint.name)
     repeats = _RepeatGuard()
+    keep_body = endpoint.table.load == "server"
     request: PageRequest | None = first
     number = 0
     ahead = Prefetcher(fetcher, endpoint.name, paginator, pages_ahead if paginator.numbered else 1)
@@ -203,7 +206,11 @@ async def walk_endpoint(
             if following is not None and credential_params:
                 following = following.without(credential_params)
             yield FetchedPage(
-                number, records, checkpoint_for(following, paginator), paginator.reported_total
+                number,
+                records,
+                checkpoint_for(following, paginator),
+                paginator.reported_total,
+                body=response.body if keep_body else None,
             )
             request = following
     finally:

@@ -51,6 +51,7 @@ def config_text(
     pipeline: dict[str, Any] | None = None,
     endpoint: str = "items",
     path: str = "/items",
+    load: str | None = None,
 ) -> str:
     """A one-endpoint source config as TOML text."""
     source_table = {"name": "test", "base_url": base_url, **(source or {})}
@@ -74,6 +75,8 @@ def config_text(
         f"mode = {_toml_value(mode)}",
         f"store_raw = {_toml_value(store_raw)}",
     ]
+    if load is not None:
+        lines.append(f"load = {_toml_value(load)}")
     if mode == "merge":
         lines.append('primary_key = ["id"]')
     lines.append("[endpoints.table.columns]")

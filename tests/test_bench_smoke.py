@@ -29,10 +29,11 @@ def test_pages_carry_the_total_and_the_last_page_is_short(tmp_path: Path) -> Non
 
 
 def test_ingest_config_converts_every_generated_record() -> None:
-    for mode in ("append", "merge"):
-        text = ingest_config("http://127.0.0.1:1", table="bench_items", mode=mode)
+    for mode, load in (("append", "python"), ("merge", "python"), ("merge", "server")):
+        text = ingest_config("http://127.0.0.1:1", table="bench_items", mode=mode, load=load)
         loaded = parse_config(text, Path("bench.toml"), {})
         table = loaded.source.endpoints[0].table
+        assert table.load == load
         assert tuple(table.columns) == tuple(COLUMNS)
         rows, rejected = RowBuilder(table).build_many(page_document(7, 10_000)["data"])
         assert rejected == []
