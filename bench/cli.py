@@ -305,43 +305,18 @@ def _plan(  # noqa: PLR0917 - one call site, all inputs of the plan
             None,
             None,
         ),
-        (
-            "copy",
-            "COPY ceiling, 1 conn",
-            [
-                py,
-                "-m",
-                "bench.contenders",
+        *(
+            (
                 "copy",
-                "--dsn",
-                dsn,
-                "--data",
-                str(dataset.root),
-                "--connections",
-                "1",
-                *common,
-            ],
-            None,
-            copy_reset,
-        ),
-        (
-            "copy",
-            "COPY ceiling, 2 conns",
-            [
-                py,
-                "-m",
-                "bench.contenders",
-                "copy",
-                "--dsn",
-                dsn,
-                "--data",
-                str(dataset.root),
-                "--connections",
-                "2",
-                *common,
-            ],
-            "bench_copy",
-            copy_reset,
+                f"COPY ceiling, {connections} conn{'s' if connections > 1 else ''}",
+                [
+                    *(py, "-m", "bench.contenders", "copy", "--dsn", dsn),
+                    *("--data", str(dataset.root), "--connections", str(connections), *common),
+                ],
+                None if connections == 1 else "bench_copy",
+                copy_reset,
+            )
+            for connections in (1, 2)
         ),
         (
             "naive",
