@@ -123,36 +123,13 @@ def _with_database(dsn: str, database: str) -> str:
     return f"{dsn.rsplit('/', 1)[0]}/{database}"
 
 
-@pytest.fixture(scope="session")
-async def template_database(postgres_server: str) -> AsyncIterator[str]:
-    """A database with ingest's schema migrated once; tests clone it (fast) per test.
-
-    Its name is unique per session so test sessions can share one server.
-    """
-    template = f"ingest_template_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(postgres_server)
-    try:
-        await admin.execute(f'CREATE DATABASE "{template}"')
-    finally:
-        await admin.close()
-    connection = await asyncpg.connect(_with_database(postgres_server, template))
-    try:
-        await migrate(connection)
-    finally:
-        await connection.close()
-    yield template
-    admin = await asyncpg.connect(postgres_server)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
 @contextlib.asynccontextmanager
 async def _fresh_database(
     server: str, prefix: str, template: str | None = None
-) -> AsyncIterator[str]:
-    """Create a uniquely named database (optionally cloned from ``template``); drop it after."""
+) -> AsyncIterator[tuple[str, str]]:
+    """Create a uniquely named database (optionally cloned from ``template``); drop it after.
+
+    Yields its name and its DSN."""
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     clause = f' TEMPLATE "{template}"' if template else ""
     admin = await asyncpg.connect(server)
@@ -161,7 +138,7 @@ async def _fresh_database(
     finally:
         await admin.close()
     try:
-        yield _with_database(server, name)
+        yield name, _with_database(server, name)
     finally:
         admin = await asyncpg.connect(server)
         try:
@@ -170,17 +147,32 @@ async def _fresh_database(
             await admin.close()
 
 
+@pytest.fixture(scope="session")
+async def template_database(postgres_server: str) -> AsyncIterator[str]:
+    """A database with ingest's schema migrated once; tests clone it (fast) per test.
+
+    Its name is unique per session so test sessions can share one server.
+    """
+    async with _fresh_database(postgres_server, "ingest_template") as (template, dsn):
+        connection = await asyncpg.connect(dsn)
+        try:
+            await migrate(connection)
+        finally:
+            await connection.close()
+        yield template
+
+
 @pytest.fixture
 async def database(postgres_server: str, template_database: str) -> AsyncIterator[str]:
     """A fresh, migrated database for one test; dropped afterwards. Yields its DSN."""
-    async with _fresh_database(postgres_server, "ingest_test", template_database) as dsn:
+    async with _fresh_database(postgres_server, "ingest_test", template_database) as (_, dsn):
         yield dsn
 
 
 @pytest.fixture
 async def empty_database(postgres_server: str) -> AsyncIterator[str]:
     """A fresh database without ingest's schema (for migration tests)."""
-    async with _fresh_database(postgres_server, "ingest_empty") as dsn:
+    async with _fresh_database(postgres_server, "ingest_empty") as (_, dsn):
         yield dsn
 
 
