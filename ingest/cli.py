@@ -45,7 +45,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def observe_options(parser: argparse.ArgumentParser) -> None:
-    """Progress and metrics flags, shared by every command that runs a pipeline."""
+    """Progress and metrics flags for ``ingest run``."""
     parser.add_argument(
         "--progress",
         default="auto",
@@ -56,6 +56,11 @@ def observe_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--progress-interval", type=float, default=30.0, metavar="SECONDS", help="(default 30)"
     )
+    metrics_options(parser)
+
+
+def metrics_options(parser: argparse.ArgumentParser) -> None:
+    """Prometheus flags; long-running backfills and workers take these too."""
     parser.add_argument(
         "--metrics-port",
         type=int,
@@ -76,8 +81,9 @@ def observe_options(parser: argparse.ArgumentParser) -> None:
 
 def _observe(args: argparse.Namespace) -> ObserveOptions:
     return ObserveOptions(
-        progress=args.progress,
-        progress_interval=args.progress_interval,
+        # Backfills and workers have no progress display: their partitions come and go.
+        progress=getattr(args, "progress", "none"),
+        progress_interval=getattr(args, "progress_interval", 30.0),
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         metrics_textfile=args.metrics_textfile,
@@ -174,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--plan-only", action="store_true", help="store the partitions and exit (for workers)"
     )
     _lease_options(backfill_cmd)
+    metrics_options(backfill_cmd)
     _common(backfill_cmd)
 
     worker_cmd = commands.add_parser(
@@ -193,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--poll-seconds", type=float, default=5.0, help="wait between claims when idle"
     )
     _lease_options(worker_cmd)
+    metrics_options(worker_cmd)
     _common(worker_cmd)
 
     demo_cmd = commands.add_parser(
@@ -252,15 +260,17 @@ async def _backfill(args: argparse.Namespace, redactor: Redactor) -> int:
     _positive(args, "parallel", "lease_seconds", "max_attempts")
     loaded = load_config(args.config)
     plan = plan_windows(loaded.source.endpoint(args.endpoint), args.start, args.end, args.window)
-    options = WorkerOptions(
-        concurrency=args.parallel,
-        lease_seconds=args.lease_seconds,
-        max_attempts=args.max_attempts,
-        max_dead_letters=args.max_dead_letters,
-    )
-    result = await run_backfill(
-        loaded, resolve_dsn(args.dsn), redactor, plan, options, plan_only=args.plan_only
-    )
+    async with observing(loaded.source.name, _observe(args)) as observer:
+        options = WorkerOptions(
+            concurrency=args.parallel,
+            lease_seconds=args.lease_seconds,
+            max_attempts=args.max_attempts,
+            max_dead_letters=args.max_dead_letters,
+            observer=observer,
+        )
+        result = await run_backfill(
+            loaded, resolve_dsn(args.dsn), redactor, plan, options, plan_only=args.plan_only
+        )
     print(f"planned {result.planned} partitions ({result.new} new)")
     if result.worker is not None:
         print(worker_summary(result.worker, result.counts))
@@ -270,16 +280,18 @@ async def _backfill(args: argparse.Namespace, redactor: Redactor) -> int:
 async def _worker(args: argparse.Namespace, redactor: Redactor) -> int:
     _positive(args, "concurrency", "lease_seconds", "max_attempts", "poll_seconds")
     loaded = load_config(args.config)
-    options = WorkerOptions(
-        endpoints=tuple(args.endpoint),
-        concurrency=args.concurrency,
-        lease_seconds=args.lease_seconds,
-        poll_seconds=args.poll_seconds,
-        drain=args.drain,
-        max_attempts=args.max_attempts,
-        max_dead_letters=args.max_dead_letters,
-    )
-    result = await run_worker(loaded, resolve_dsn(args.dsn), redactor, options)
+    async with observing(loaded.source.name, _observe(args)) as observer:
+        options = WorkerOptions(
+            endpoints=tuple(args.endpoint),
+            concurrency=args.concurrency,
+            lease_seconds=args.lease_seconds,
+            poll_seconds=args.poll_seconds,
+            drain=args.drain,
+            max_attempts=args.max_attempts,
+            max_dead_letters=args.max_dead_letters,
+            observer=observer,
+        )
+        result = await run_worker(loaded, resolve_dsn(args.dsn), redactor, options)
     print(worker_summary(result))
     return ExitCode.FAILED if result.failed else ExitCode.OK
 

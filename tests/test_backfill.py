@@ -246,3 +246,27 @@ async def test_a_worker_whose_lease_was_taken_commits_nothing_more_then_takes_it
     assert (result.lost, result.done, result.failed) == (1, 1, 0)
     assert await table(db) == source(records, EPOCH + dt.timedelta(days=9))
     assert await statuses(db) == {"done": 1}
+
+
+async def test_backfill_writes_metrics_for_node_exporter(
+    cli_env: dict[str, str], db: Connection, tmp_path: Path
+) -> None:
+    records = timed_records(72, every=dt.timedelta(hours=1))  # 3 days
+    async with serve(changes_app(records)) as base:
+        config = tmp_path / "events.toml"
+        config.write_text(events_config(base, mode="append", per_page=5, incremental=WINDOWED))
+        textfile = tmp_path / "ingest.prom"
+        args = ["backfill", str(config), "--endpoint", "events", "--from", "2025-01-01"]
+        args += ["--to", "2025-01-04", "--window", "1d", "--metrics-textfile", str(textfile)]
+        code, output = await run_cli(args, cli_env, tmp_path, "metrics")
+    assert code == ExitCode.OK, output
+    assert len(await table(db)) == 72
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in textfile.read_text().splitlines()
+        if line and not line.startswith("#")
+    }
+    records_total = [
+        value for name, value in samples.items() if name.startswith("ingest_records_total")
+    ]
+    assert records_total == [72.0]
