@@ -175,6 +175,19 @@ async def test_aimd_latency_spike_shrinks_the_limit() -> None:
     assert "latency" in limiter.changes[-1][2]
 
 
+async def test_a_blip_of_milliseconds_on_a_fast_server_is_not_a_spike() -> None:
+    limiter = AdaptiveConcurrency(minimum=1, maximum=8, latency_spike_factor=4.0)
+    for _ in range(10):
+        async with limiter.slot() as ticket:
+            ticket.started -= 0.001
+        limiter.success(ticket)
+    async with limiter.slot() as ticket:
+        ticket.started -= 0.05  # 50x the average, but only 50 ms: a busy event loop, not the server
+    limiter.success(ticket)
+    assert limiter.limit == 8
+    assert limiter.changes == []
+
+
 async def test_waiters_beyond_the_limit_wait_for_a_slot() -> None:
     limiter = AdaptiveConcurrency(minimum=1, maximum=2, adaptive=False)
     running = 0

@@ -11,7 +11,7 @@ a burst of eight 429s from one overload would collapse the limit to the minimum 
 
 Latency spike: a success whose latency exceeds ``latency_spike_factor`` times the moving
 average of recent latencies (after a few samples, so the first requests do not set a tiny
-baseline by accident).
+baseline by accident) and exceeds it by at least ``SPIKE_MIN_SECONDS``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ log = structlog.get_logger("ingest.http")
 WARMUP_SAMPLES = 8
 #: Weight of the newest latency in the moving average.
 EWMA_WEIGHT = 0.2
+#: A spike must also be this many seconds above the average. Against a fast server, a response
+#: handled while the event loop was busy building a batch (tens of milliseconds) is many times
+#: the sub-millisecond average without the server being any slower.
+SPIKE_MIN_SECONDS = 0.25
 
 
 @dataclass(slots=True)
@@ -115,6 +119,7 @@ class AdaptiveConcurrency:
             average is not None
             and self._samples > WARMUP_SAMPLES
             and latency > self.latency_spike_factor * average
+            and latency - average > SPIKE_MIN_SECONDS
         ):
             self._decrease(ticket, f"latency {latency:.3f}s > {self.latency_spike_factor}x avg")
             return
