@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 from collections.abc import AsyncIterator, Iterator
 
@@ -88,14 +89,7 @@ async def run_source(
     """One run of one source; raises an IngestError (with its exit code) on failure."""
     source = loaded.source
     stop = options.stop or asyncio.Event()
-    options = RunOptions(
-        command=options.command,
-        endpoints=options.endpoints,
-        restart=options.restart,
-        max_dead_letters=options.max_dead_letters,
-        stop=stop,
-        observer=options.observer,
-    )
+    options = dataclasses.replace(options, stop=stop)
     pool_size = len(source.endpoints) * source.pipeline.consumers + 2
     async with connected(loaded, dsn, redactor, pool_size=pool_size, observer=options.observer) as (
         pool,
