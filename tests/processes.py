@@ -77,3 +77,20 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {seconds}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def run_ingest(
+    *args: str, env: dict[str, str], seconds: float = 120.0
+) -> tuple[int, str, str]:
+    """Run ``python -m ingest ARGS`` to completion; its exit code, stdout and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ingest",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=seconds)
+    return process.returncode or 0, out.decode(), err.decode()

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import asyncpg
 
-from tests.conftest import PYTHON
 from tests.helpers import config_text
+from tests.processes import run_ingest
 from tests.servers import REQUESTS, make_records, page_number_app, serve
-
-
-async def ingest(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        PYTHON,
-        "-m",
-        "ingest",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), timeout=120)
-    return process.returncode or 0, out.decode(), err.decode()
 
 
 async def test_run_prints_summary_and_second_merge_run_changes_nothing(
@@ -43,7 +28,7 @@ async def test_run_prints_summary_and_second_merge_run_changes_nothing(
             )
         )
         env = {**cli_env, "SHOP_TOKEN": "tok-8f3a9c1d2e7b"}
-        code, out, err = await ingest("run", str(config), env=env)
+        code, out, err = await run_ingest("run", str(config), env=env)
         assert code == 0, err
         lines = out.splitlines()
         assert lines[0].split() == ["endpoint", "pages", "records", "dead", "seconds", "records/s"]
@@ -57,7 +42,7 @@ async def test_run_prints_summary_and_second_merge_run_changes_nothing(
         connection = await asyncpg.connect(database)
         try:
             before = await connection.fetch("SELECT id, name, _ingest_raw FROM items ORDER BY id")
-            code, out, err = await ingest("run", str(config), env=env)
+            code, out, err = await run_ingest("run", str(config), env=env)
             assert code == 0, err
             after = await connection.fetch("SELECT id, name, _ingest_raw FROM items ORDER BY id")
         finally:
@@ -74,7 +59,7 @@ async def test_bad_config_exits_2_with_one_line(tmp_path: Path, cli_env: dict[st
             pagination={"style": "page_number", "page_size": 0},
         )
     )
-    code, out, err = await ingest("run", str(config), env=cli_env)
+    code, out, err = await run_ingest("run", str(config), env=cli_env)
     assert code == 2
     assert out == ""
     assert err.strip().splitlines() == [
@@ -94,13 +79,13 @@ async def test_missing_env_var_and_unreachable_database_are_one_line_errors(
             pagination={"style": "single"},
         )
     )
-    code, _, err = await ingest("run", str(config), env=cli_env)
+    code, _, err = await run_ingest("run", str(config), env=cli_env)
     assert code == 2
     assert "environment variable MISSING_KEY is not set" in err
     assert len(err.strip().splitlines()) == 1
 
     env = {**cli_env, "MISSING_KEY": "k", "DATABASE_URL": "postgresql://u:pw-secret@127.0.0.1:9/x"}
-    code, _, err = await ingest("run", str(config), env=env)
+    code, _, err = await run_ingest("run", str(config), env=env)
     assert code == 1
     assert err.startswith(
         "ingest: error: cannot connect to PostgreSQL at postgresql://u@127.0.0.1:9/x"
@@ -114,13 +99,15 @@ async def test_run_before_migrate_says_what_to_do(
 ) -> None:
     config = tmp_path / "shop.toml"
     config.write_text(config_text("http://127.0.0.1:9/api", pagination={"style": "single"}))
-    code, _, err = await ingest("run", str(config), env={**cli_env, "DATABASE_URL": empty_database})
+    code, _, err = await run_ingest(
+        "run", str(config), env={**cli_env, "DATABASE_URL": empty_database}
+    )
     assert code == 2
     assert "run `ingest migrate` first" in err
 
 
 async def test_demo_runs_against_the_given_database(cli_env: dict[str, str], database: str) -> None:
-    code, out, err = await ingest("demo", "--users", "321", env=cli_env)
+    code, out, err = await run_ingest("demo", "--users", "321", env=cli_env)
     assert code == 0, err
     assert "demo_users now holds 321 rows" in out
     assert "demo-secret-token" not in out + err
@@ -135,7 +122,7 @@ async def test_demo_runs_against_the_given_database(cli_env: dict[str, str], dat
 async def test_malformed_dsn_is_a_one_line_error_without_the_password(
     cli_env: dict[str, str],
 ) -> None:
-    code, out, err = await ingest(
+    code, out, err = await run_ingest(
         "migrate", "--dsn", "postgresql://u:hunter2pass@[::1", env=cli_env
     )
     assert code == 1

@@ -16,9 +16,9 @@ from ingest.config import parse_config
 from ingest.errors import ConfigError, InterruptedRun, SourceError
 from ingest.events import NullObserver
 from ingest.secrets import Redactor
-from tests.conftest import PYTHON
 from tests.helpers import config_text, ids, make_config, run
 from tests.http_support import captured_logs, database_text
+from tests.processes import run_ingest
 from tests.servers import json_response, make_records, serve
 
 CLIENT_ID = "ingest-client"
@@ -332,26 +332,14 @@ async def test_cli_stderr_names_the_401_in_one_line_and_shows_no_secret(
         )
         config = tmp_path / "oauth.toml"
         config.write_text(text)
-        process = await asyncio.create_subprocess_exec(
-            PYTHON,
-            "-m",
-            "ingest",
-            "run",
-            str(config),
-            "--log-level",
-            "debug",
-            "--log-format",
-            "json",
-            env=cli_env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        code, stdout, stderr = await run_ingest(
+            "run", str(config), "--log-level", "debug", "--log-format", "json", env=cli_env
         )
-        stdout, stderr = await process.communicate()
-    assert process.returncode == 1
-    errors = stderr.decode().strip().splitlines()
+    assert code == 1
+    errors = stderr.strip().splitlines()
     assert errors[-1].startswith("ingest: error: endpoint items: http://127.0.0.1:")
     assert errors[-1].endswith(
         "HTTP 401 again after fetching a new OAuth2 token; check the client's grants and auth.scope"
     )
     assert any("unauthorized_refreshing_token" in line for line in errors)
-    _assert_no_secrets(stdout.decode() + stderr.decode(), [CLIENT_SECRET, *server.issued])
+    _assert_no_secrets(stdout + stderr, [CLIENT_SECRET, *server.issued])

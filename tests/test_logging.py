@@ -9,8 +9,8 @@ import orjson
 from aiohttp import web
 
 from tests.helpers import config_text
+from tests.processes import run_ingest as ingest
 from tests.servers import json_response, make_records, serve
-from tests.test_cli import ingest
 
 SECRET = "sk_live_Zx81qYw0PmL4"
 

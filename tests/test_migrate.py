@@ -7,7 +7,7 @@ import asyncio
 import asyncpg
 
 from ingest.migrate import discover, migrate, pending
-from tests.conftest import PYTHON
+from tests.processes import run_ingest
 
 
 async def test_migrate_applies_each_file_once_and_is_safe_to_repeat(empty_database: str) -> None:
@@ -30,17 +30,8 @@ async def test_two_processes_migrating_at_once_both_succeed(
     environment = {**cli_env, "DATABASE_URL": empty_database}
 
     async def migrate_in_process() -> tuple[int, str]:
-        process = await asyncio.create_subprocess_exec(
-            PYTHON,
-            "-m",
-            "ingest",
-            "migrate",
-            env=environment,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await process.communicate()
-        return process.returncode or 0, (out + err).decode()
+        code, out, err = await run_ingest("migrate", env=environment)
+        return code, out + err
 
     results = await asyncio.gather(*(migrate_in_process() for _ in range(3)))
     assert [code for code, _ in results] == [0, 0, 0], results

@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 from ingest.config import parse_config
 from ingest.errors import ConfigError, IngestError
-from tests.helpers import make_config, run
+from tests.helpers import DEFAULT_COLUMNS, make_config, run
 from tests.processes import wait_until
 from tests.servers import (
     TRICKY_TEXT,
@@ -36,11 +36,7 @@ Connection = asyncpg.Connection
 
 #: One column of every type, nested and indexed paths included.
 COLUMNS: dict[str, dict[str, str]] = {
-    "id": {"path": "id", "type": "bigint"},
-    "name": {"path": "name", "type": "text"},
-    "score": {"path": "score", "type": "double"},
-    "active": {"path": "active", "type": "boolean"},
-    "level": {"path": "nested.level", "type": "integer"},
+    **DEFAULT_COLUMNS,
     "amount": {"path": "amount", "type": "numeric"},
     "seen": {"path": "seen", "type": "timestamptz"},
     "day": {"path": "day", "type": "date"},
