@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from ingest.errors import IngestError
+from ingest.errors import IngestError, one_line
 
 #: A connection, whether held directly or borrowed from a pool.
 Connection = asyncpg.Connection | PoolConnectionProxy
@@ -52,9 +52,8 @@ async def open_pool(dsn: str | None, *, size: int) -> AsyncIterator[asyncpg.Pool
     try:
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max(2, size))
     except (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        message = " ".join(str(exc).split())
         raise IngestError(
-            f"cannot connect to PostgreSQL at {describe_dsn(dsn)}: {message} "
+            f"cannot connect to PostgreSQL at {describe_dsn(dsn)}: {one_line(exc)} "
             "(set --dsn, DATABASE_URL or PG* variables)"
         ) from None
     try:

@@ -20,6 +20,11 @@ class ExitCode(IntEnum):
     DEAD_LETTERS = 5
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (whitespace folded), or its type when it has none."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 class IngestError(Exception):
     """Base class: a failure explained in one line."""
 

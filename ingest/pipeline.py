@@ -39,6 +39,7 @@ from ingest.errors import (
     InterruptedRun,
     LockedError,
     SinkError,
+    one_line,
 )
 from ingest.events import NullObserver, RunObserver
 from ingest.http.messages import PageRequest
@@ -244,7 +245,7 @@ class Pipeline:
                 yield
             except BaseException as exc:
                 stopped = isinstance(exc, InterruptedRun | asyncio.CancelledError)
-                await self._finish("interrupted" if stopped else "failed", _one_line(exc))
+                await self._finish("interrupted" if stopped else "failed", one_line(exc))
                 raise
             interrupted = any(stats.finished is None for stats in self.stats.values())
             await self._finish("interrupted" if interrupted else "succeeded", None)
@@ -543,7 +544,7 @@ class Pipeline:
             raise SinkError(
                 f"endpoint {endpoint.name}{where}: writing a batch of {written} rows to "
                 f"{endpoint.table.schema_}.{endpoint.table.name} failed "
-                f"({type(exc).__name__}: {_one_line(exc)}); nothing of it was committed and "
+                f"({type(exc).__name__}: {one_line(exc)}); nothing of it was committed and "
                 "the last checkpoint holds: rerun to resume"
             ) from None
         state.cursor_max = cursor_max
@@ -737,8 +738,3 @@ def first_error(
             if isinstance(leaf, kind):
                 return leaf
     return leaves[0]
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    return " ".join(text.split())

@@ -30,7 +30,7 @@ import asyncpg
 
 from ingest.config import ENV_REFERENCE, Endpoint, LoadedConfig, parse_config
 from ingest.db import describe_dsn
-from ingest.errors import ExitCode, IngestError
+from ingest.errors import ExitCode, IngestError, one_line
 from ingest.http.client import HttpClient
 from ingest.migrate import pending
 from ingest.paginate import make_paginator
@@ -214,7 +214,7 @@ async def _check_endpoint(
         response = await http.fetch(request, endpoint.name)
         records = extract_records(response.document, endpoint.records_path, endpoint.name, url)
     except (IngestError, aiohttp.ClientError, ValueError) as exc:
-        message = " ".join(str(exc).split()) or type(exc).__name__
+        message = one_line(exc)
         if not message.startswith(f"endpoint {endpoint.name}:"):
             message = f"endpoint {endpoint.name}: {url}: {message}"
         return [Problem("endpoint", message)]
@@ -240,7 +240,7 @@ async def _check_database(dsn: str | None, redactor: Redactor, seconds: float) -
     try:
         connection = await asyncpg.connect(dsn, timeout=seconds)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        message = " ".join(str(exc).split()) or type(exc).__name__
+        message = one_line(exc)
         return [Problem("database", f"{where}: cannot connect: {message}")]
     try:
         async with connection.transaction(readonly=True):

@@ -27,7 +27,7 @@ import structlog
 from ingest import leases
 from ingest.config import Endpoint, LoadedConfig
 from ingest.db import Connection
-from ingest.errors import ConfigError, IngestError, InterruptedRun, LeaseLostError
+from ingest.errors import ConfigError, IngestError, InterruptedRun, LeaseLostError, one_line
 from ingest.events import NullObserver, RunObserver
 from ingest.leases import PartitionRow
 from ingest.pipeline import EndpointStats, Partition, Pipeline, RunOptions, first_error
@@ -204,7 +204,7 @@ class Worker:
             log.info("partition_done", endpoint=row.endpoint, partition=row.key)
 
     async def _failed(self, row: PartitionRow, error: Exception) -> None:
-        message = " ".join((str(error) or type(error).__name__).split())
+        message = one_line(error)
         self.result.failed += 1
         self.result.errors.append(f"{row.endpoint} {row.key}: {message}")
         log.error("partition_failed", endpoint=row.endpoint, partition=row.key, error=message)
