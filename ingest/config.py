@@ -386,6 +386,9 @@ class PipelineSettings(_Frozen):
     batch_size: int = Field(default=10_000, ge=1)
     batch_seconds: float = Field(default=2.0, gt=0)
     consumers: int = Field(default=2, ge=1)
+    #: Decode pages straight into rows with msgspec where the table allows it (ingest.typed);
+    #: false: every page through orjson and the Python row loop (same rows, ~2x the CPU).
+    typed_decode: bool = True
 
 
 class Source(_Frozen):

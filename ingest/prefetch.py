@@ -27,7 +27,7 @@ from typing import Protocol, runtime_checkable
 
 import structlog
 
-from ingest.http.messages import HttpResponse, PageRequest
+from ingest.http.messages import HttpResponse, PageRequest, ParseBody
 
 log = structlog.get_logger("ingest.prefetch")
 
@@ -35,7 +35,9 @@ log = structlog.get_logger("ingest.prefetch")
 class Fetcher(Protocol):
     """What the prefetcher needs of the HTTP client (the same shape as the walker's)."""
 
-    async def fetch(self, request: PageRequest, endpoint: str) -> HttpResponse: ...
+    async def fetch(
+        self, request: PageRequest, endpoint: str, parse: ParseBody | None = None
+    ) -> HttpResponse: ...
 
 
 @runtime_checkable
@@ -56,9 +58,15 @@ class Prefetcher:
     """``await prefetcher.get(request)``: that page's response, with the next K-1 in flight."""
 
     def __init__(
-        self, fetcher: Fetcher, endpoint: str, paginator: object, pages_ahead: int
+        self,
+        fetcher: Fetcher,
+        endpoint: str,
+        paginator: object,
+        pages_ahead: int,
+        parse: ParseBody | None = None,
     ) -> None:
         self.fetcher = fetcher
+        self.parse = parse
         self.endpoint = endpoint
         self.predictor = paginator if isinstance(paginator, Predicting) else None
         self.pages_ahead = pages_ahead if self.predictor is not None else 1
@@ -68,7 +76,7 @@ class Prefetcher:
 
     async def get(self, request: PageRequest) -> HttpResponse:
         if self.pages_ahead <= 1 or self.predictor is None:
-            return await self.fetcher.fetch(request, self.endpoint)
+            return await self.fetcher.fetch(request, self.endpoint, self.parse)
         wanted = [request]
         for steps in range(1, self.pages_ahead):
             guess = self.predictor.predict(request, steps)
@@ -81,7 +89,8 @@ class Prefetcher:
         for key, item in zip(keys, wanted, strict=True):
             if key not in self._inflight:
                 self._inflight[key] = asyncio.create_task(
-                    self.fetcher.fetch(item, self.endpoint), name=f"prefetch:{self.endpoint}"
+                    self.fetcher.fetch(item, self.endpoint, self.parse),
+                    name=f"prefetch:{self.endpoint}",
                 )
         task = self._inflight.pop(keys[0])
         return await task

@@ -182,7 +182,7 @@ class RowBuilder:
                 name,
                 compile_path(column.path.removeprefix(PARENT_PREFIX)),
                 CONVERTERS[column.type],
-                _required(name, column, required),
+                required_column(name, column, required),
                 column.path.startswith(PARENT_PREFIX),
             )
             for name, column in table.columns.items()
@@ -243,7 +243,7 @@ class RowBuilder:
         return rows, rejected
 
 
-def _column_slow_path(name: str, convert: Converter, required: bool) -> Callable[[Any], Any]:
+def column_slow_path(name: str, convert: Converter, required: bool) -> Callable[[Any], Any]:
     """Full handling of one value: missing/None, conversion, errors naming the column."""
 
     def slow(value: Any) -> Any:
@@ -299,7 +299,7 @@ def _compile_build_many(
     for index, (name, get, convert, required) in enumerate(plan):
         value = f"v{index}"
         names.append(value)
-        namespace[f"slow{index}"] = _column_slow_path(name, convert, required)
+        namespace[f"slow{index}"] = column_slow_path(name, convert, required)
         namespace[f"get{index}"] = get
         steps = [step for step in table.columns[name].path.split(".") if step]
         if steps and not any(step.lstrip("-").isdigit() for step in steps):
@@ -368,7 +368,7 @@ def _compile_build_many(
     return built
 
 
-def _required(name: str, column: Column, primary_key: set[str]) -> bool:
+def required_column(name: str, column: Column, primary_key: set[str]) -> bool:
     return name in primary_key or not column.nullable
 
 

@@ -25,7 +25,7 @@ import structlog
 
 from ingest.config import Endpoint
 from ingest.errors import PaginationError, SourceError
-from ingest.http.messages import HttpResponse, PageRequest
+from ingest.http.messages import HttpResponse, PageRequest, ParseBody
 from ingest.http.retry import HttpStatusError
 from ingest.paginate import Page, Paginator
 from ingest.paths import MISSING, compile_path
@@ -38,7 +38,9 @@ LOOP_GUARD_WINDOW = 10_000
 
 
 class Fetcher(Protocol):
-    async def fetch(self, request: PageRequest, endpoint: str) -> HttpResponse: ...
+    async def fetch(
+        self, request: PageRequest, endpoint: str, parse: ParseBody | None = None
+    ) -> HttpResponse: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +109,9 @@ class _RepeatGuard:
             return None
         key = (
             len(records),
-            orjson.dumps(records[0], option=orjson.OPT_SORT_KEYS),
-            orjson.dumps(records[-1], option=orjson.OPT_SORT_KEYS),
+            # default=str: rows built by the typed decoder may hold Decimal values.
+            orjson.dumps(records[0], option=orjson.OPT_SORT_KEYS, default=str),
+            orjson.dumps(records[-1], option=orjson.OPT_SORT_KEYS, default=str),
         )
         if key in self.seen:
             return self.seen[key]
@@ -156,8 +159,12 @@ async def walk_endpoint(
     redact_url: Any = str,
     pages_ahead: int = 1,
     credential_params: frozenset[str] = frozenset(),
+    parse: ParseBody | None = None,
 ) -> AsyncGenerator[FetchedPage, None]:
     """Yield every page from ``first`` on; the last page's checkpoint is ``None``.
+
+    ``parse`` is the endpoint's typed decoder (:mod:`ingest.typed`), if it has one: the records
+    of a page it decoded arrive already converted to rows (:class:`ingest.typed.BuiltRows`).
 
     ``credential_params`` are dropped from every next request (a server may echo an API key into
     its next links); the HTTP client adds the credential back when sending.
@@ -167,7 +174,9 @@ async def walk_endpoint(
     keep_body = endpoint.table.load == "server"
     request: PageRequest | None = first
     number = 0
-    ahead = Prefetcher(fetcher, endpoint.name, paginator, pages_ahead if paginator.numbered else 1)
+    ahead = Prefetcher(
+        fetcher, endpoint.name, paginator, pages_ahead if paginator.numbered else 1, parse
+    )
     try:
         while request is not None:
             guard.check(request, number, redact_url)

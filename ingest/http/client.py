@@ -42,7 +42,7 @@ from ingest.errors import ConfigError, SourceError
 from ingest.events import NullObserver, RunObserver
 from ingest.http.auth import Authenticator, Credentials, make_authenticator
 from ingest.http.concurrency import AdaptiveConcurrency, Ticket
-from ingest.http.messages import HttpResponse, PageRequest
+from ingest.http.messages import HttpResponse, PageRequest, ParseBody
 from ingest.http.ratelimit import RateLimiter
 from ingest.http.retry import (
     OVERLOAD_STATUSES,
@@ -169,8 +169,13 @@ class HttpClient:
 
     # -- public API ------------------------------------------------------------------------------
 
-    async def fetch(self, request: PageRequest, endpoint: str) -> HttpResponse:
+    async def fetch(
+        self, request: PageRequest, endpoint: str, parse: ParseBody | None = None
+    ) -> HttpResponse:
         """One page, parsed; retried on transient failures, then a one-line :class:`SourceError`.
+
+        ``parse`` replaces ``orjson.loads`` for the body (the endpoint's typed decoder, see
+        :mod:`ingest.typed`); a body it finds malformed is retried like any other.
 
         A 401 from the source's origin with a refreshable credential (OAuth2) fetches a new
         token once and tries again; a second 401 is final.
@@ -183,7 +188,7 @@ class HttpClient:
         async def attempt() -> HttpResponse:
             nonlocal used
             used = await self.auth.credentials() if self.is_own(url) else NO_CREDENTIALS
-            return await self._attempt("GET", url, endpoint, used)
+            return await self._attempt("GET", url, endpoint, used, parse=parse)
 
         while True:
             try:
@@ -211,7 +216,7 @@ class HttpClient:
         response = await self._retrying(
             what,
             url,
-            lambda: self._attempt("POST", url, what, Credentials(dict(headers), {}), form),
+            lambda: self._attempt("POST", url, what, Credentials(dict(headers), {}), form=form),
             notify=False,
         )
         return response.document
@@ -293,7 +298,9 @@ class HttpClient:
         url: str,
         endpoint: str,
         credentials: Credentials,
+        *,
         form: Mapping[str, str] | None = None,
+        parse: ParseBody | None = None,
     ) -> HttpResponse:
         async with self.concurrency.slot() as ticket:
             await self.limiter.acquire()
@@ -332,7 +339,7 @@ class HttpClient:
         if content_type and "json" not in content_type.lower():
             raise RetryableError(f"content type {content_type!r} is not JSON", "content_type")
         try:
-            document: Any = orjson.loads(body)
+            document: Any = (parse or orjson.loads)(body)
         except orjson.JSONDecodeError as exc:
             raise RetryableError(
                 f"malformed JSON ({exc}) in {len(body)} bytes: {_excerpt(body)}", "malformed_json"

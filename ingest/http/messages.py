@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+#: Turns a page's bytes into its document; raises ``orjson.JSONDecodeError`` on malformed JSON.
+ParseBody = Callable[[bytes], Any]
 
 
 @dataclass(frozen=True, slots=True)

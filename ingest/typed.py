@@ -1,0 +1,400 @@
+"""Typed page decoding: a page's bytes straight to row tuples, the fast path of ``load = "python"``.
+
+Why: parsing a page with ``orjson.loads`` builds a dict per record, and the row loop then reads
+every dict back and checks every value's type in Python; together that was ~45 % of ingest's CPU.
+Here msgspec decodes the records into structs generated from the table's columns (types checked
+in C, unknown keys skipped without building anything) and one generated loop turns the structs
+into row tuples.
+
+Exactly the Python path's rows, or nothing: the structs only accept values whose conversion is
+unambiguous (a JSON string for text, an integer in range for bigint, an RFC 3339 timestamp with
+an offset for timestamptz, ...). A page with anything else (a number sent as a string, a missing
+required value, a record that is not an object, an escaped NUL) is parsed with ``orjson`` as
+before and converted by :class:`ingest.rows.RowBuilder`, dead letters included. So this module
+changes how fast a page is converted, never what is written. numeric and jsonb values (and the
+cursor field of an incremental endpoint) are decoded as plain JSON and go through the same
+converters as the Python path.
+
+The one visible difference: with ``store_raw`` the raw column holds the record's JSON text as the
+server sent it instead of orjson's re-encoding; as jsonb the two are equal (jsonb normalises
+whitespace and key order), only number spellings such as ``1e2`` vs ``100.0`` may differ.
+
+The paginator still gets a document: the envelope's other keys that a pagination ``*_path``
+names, decoded as plain JSON, with the records replaced by :class:`BuiltRows`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import msgspec
+import orjson
+import structlog
+
+from ingest.config import PARENT_PREFIX, Endpoint
+from ingest.rows import CONVERTERS, INT32, INT64, RowError, column_slow_path, required_column
+
+log = structlog.get_logger("ingest.typed")
+
+#: Column types msgspec decodes to exactly what the Python converter would return, for every
+#: value it accepts (everything else fails the page over to the Python path).
+_NATIVE: dict[str, Any] = {
+    "text": str,
+    "bigint": Annotated[int, msgspec.Meta(ge=INT64[0], le=INT64[1])],
+    "integer": Annotated[int, msgspec.Meta(ge=INT32[0], le=INT32[1])],
+    "double": float,
+    "boolean": bool,
+    # As a string, parsed by the same ``fromisoformat`` as the Python path: msgspec's own parser
+    # rounds (not truncates) past microseconds and accepts a lowercase "t"/"z", which Python's
+    # does not.
+    "timestamptz": str,
+    "date": dt.date,
+}
+
+#: A pagination field the page did not have (as opposed to one that was JSON null).
+_ABSENT: Any = type("Absent", (), {"__repr__": lambda self: "<absent>"})()
+#: An escaped NUL anywhere in the page: PostgreSQL text cannot store it, the Python path decides.
+_NUL = b"\\u0000"
+
+
+class BuiltRows(list[tuple[Any, ...]]):
+    """A page's records, already converted to row tuples (in order, one per record).
+
+    ``cursor_values`` holds each record's incremental cursor field as plain JSON (or is None
+    when the endpoint has no cursor).
+    """
+
+    cursor_values: list[Any] | None = None
+
+
+class Refused(Exception):
+    """The typed decoder will not convert this page; the Python path takes it."""
+
+
+@dataclass
+class _Node:
+    """One JSON object level: its keys, each a leaf or a nested object."""
+
+    children: dict[str, _Node | _Leaf] = field(default_factory=dict)
+    #: Some column under this object must be present, so the object itself is required.
+    required: bool = False
+
+
+@dataclass
+class _Leaf:
+    columns: list[int] = field(default_factory=list)
+    cursor: bool = False
+
+
+def _plain_steps(path: str) -> list[str] | None:
+    """The keys of a dotted path, or None when a step is an index (not representable here)."""
+    steps = [step for step in path.split(".") if step]
+    if any(step.lstrip("-").isdigit() for step in steps):
+        return None
+    return steps
+
+
+def why_not_typed(endpoint: Endpoint) -> str | None:
+    """Why this endpoint must use the Python path for every page, or None if it need not."""
+    table = endpoint.table
+    if table.load != "python":
+        return "load is server"
+    if endpoint.parent is not None:
+        return "child endpoint"
+    records = _plain_steps(endpoint.records_path)
+    if records is None:
+        return "records_path has an index"
+    for column in table.columns.values():
+        if column.path.startswith(PARENT_PREFIX) or not _plain_steps(column.path):
+            return f"column path {column.path!r}"
+    if endpoint.incremental is not None and not _plain_steps(endpoint.incremental.cursor_path):
+        return "cursor_path"
+    for path in pagination_paths(endpoint):
+        steps = _plain_steps(path)
+        if not steps or steps[: len(records)] == records:
+            return f"pagination path {path!r} reads the records"
+    return None
+
+
+def pagination_paths(endpoint: Endpoint) -> list[str]:
+    """Every body path the paginator reads: the style's ``*_path`` settings."""
+    settings = endpoint.pagination.model_dump()
+    return [
+        value
+        for name, value in settings.items()
+        if name.endswith("_path") and isinstance(value, str) and value
+    ]
+
+
+class TypedPages:
+    """``parse(body)``: the page's document with the records as :class:`BuiltRows`, or orjson's.
+
+    Built once per endpoint run. Counts pages both ways, and logs the first page that takes the
+    Python path with the reason (types and JSON position only, never record values).
+    """
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint.name
+        self.typed_pages = 0
+        self.fallback_pages = 0
+        self._records_steps = _plain_steps(endpoint.records_path) or []
+        table = endpoint.table
+        record = _Node()
+        required = set(table.primary_key)
+        self._slow: dict[int, Callable[[Any], Any]] = {}
+        for index, (name, column) in enumerate(table.columns.items()):
+            leaf = _insert(record, _plain_steps(column.path) or [], _Leaf)
+            leaf.columns.append(index)
+            if required_column(name, column, required):
+                _mark_required(record, _plain_steps(column.path) or [])
+            self._slow[index] = column_slow_path(
+                name, CONVERTERS[column.type], required_column(name, column, required)
+            )
+        self._cursor_steps: list[str] | None = None
+        if endpoint.incremental is not None:
+            self._cursor_steps = _plain_steps(endpoint.incremental.cursor_path) or []
+            _insert(record, self._cursor_steps, _Leaf).cursor = True
+        self._types = [column.type for column in table.columns.values()]
+        self._required = [
+            required_column(name, column, required) for name, column in table.columns.items()
+        ]
+        record_type = self._struct("Record", record)
+        self.store_raw = table.store_raw
+        self._record_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(record_type)
+        self._build = self._compile(record, record_type)
+        items: Any = list[msgspec.Raw] if self.store_raw else list[record_type]  # type: ignore[valid-type]
+        envelope = _Node()
+        for path in pagination_paths(endpoint):
+            _insert(envelope, _plain_steps(path) or [], _Leaf)
+        self._envelope_type: Any = self._envelope(envelope, self._records_steps, items)
+        self._decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(self._envelope_type)
+
+    # -- decoding ---------------------------------------------------------------------------------
+
+    def __call__(self, body: bytes) -> Any:
+        """The page's document; raises only what ``orjson.loads`` raises (malformed JSON)."""
+        try:
+            if _NUL in body:
+                raise Refused("an escaped NUL")
+            decoded = self._decoder.decode(body)
+            rows, cursors = self._build(self._records_of(decoded))
+        except (msgspec.ValidationError, msgspec.DecodeError, RowError, Refused) as exc:
+            self.fallback_pages += 1
+            if self.fallback_pages == 1:
+                log.info(
+                    "typed_decode_fallback",
+                    endpoint=self.endpoint,
+                    reason=str(exc)
+                    if isinstance(exc, msgspec.ValidationError | Refused)
+                    else type(exc).__name__,
+                )
+            return orjson.loads(body)
+        self.typed_pages += 1
+        built = BuiltRows(rows)
+        built.cursor_values = cursors
+        return self._document(decoded, built, self._records_steps)
+
+    def _records_of(self, decoded: Any) -> Any:
+        for _ in self._records_steps:
+            decoded = decoded.records
+        return decoded
+
+    def _document(self, decoded: Any, built: BuiltRows, steps: list[str]) -> Any:
+        """The envelope as plain dicts (absent keys left out), records replaced by ``built``."""
+        if not steps:
+            return built
+        document: dict[str, Any] = {}
+        for spec in msgspec.structs.fields(decoded):
+            value = getattr(decoded, spec.name)
+            if spec.name == "records":
+                document[spec.encode_name] = self._document(value, built, steps[1:])
+            elif value is not _ABSENT:
+                document[spec.encode_name] = value
+        return document
+
+    # -- generated types and loop ---------------------------------------------------------------
+
+    def _struct(self, name: str, node: _Node) -> Any:
+        """A msgspec struct for ``node``; fields are f0, f1, ... renamed to the JSON keys."""
+        fields: list[tuple[str, Any, Any]] = []
+        for position, (key, child) in enumerate(node.children.items()):
+            attribute = f"f{position}"
+            if isinstance(child, _Node):
+                kind = self._struct(f"{name}_{position}", child)
+                required = child.required
+            else:
+                kind, required = self._leaf_type(child)
+            if required:
+                fields.append((attribute, kind, msgspec.field(name=key)))
+            else:
+                fields.append((attribute, kind | None, msgspec.field(name=key, default=None)))
+        return msgspec.defstruct(name, fields, gc=False, kw_only=True)
+
+    def _leaf_type(self, leaf: _Leaf) -> tuple[Any, bool]:
+        """Native when one column alone reads the leaf and its type has a native decoding."""
+        if leaf.cursor or len(leaf.columns) != 1:
+            return Any, False
+        index = leaf.columns[0]
+        native = _NATIVE.get(self._types[index])
+        if native is None:
+            return Any, False
+        return native, self._required[index]
+
+    def _envelope(self, node: _Node, steps: list[str], items: Any) -> Any:
+        """The page struct: the records at ``steps`` plus the paginator's keys (plain JSON)."""
+        if not steps:
+            return items
+        fields: list[tuple[str, Any, Any]] = [
+            (
+                "records",
+                self._envelope(_child_node(node, steps[0]), steps[1:], items),
+                msgspec.field(name=steps[0]),
+            )
+        ]
+        for position, key in enumerate(node.children):
+            if key != steps[0]:
+                fields.append((f"p{position}", Any, msgspec.field(name=key, default=_ABSENT)))
+        return msgspec.defstruct("Page", fields, gc=False, kw_only=True)
+
+    def _compile(self, record: _Node, record_type: Any) -> Callable[[Iterable[Any]], Any]:
+        """One loop for the table: attribute reads, a converter call only for plain-JSON leaves.
+
+        Only generated names and ``repr`` of integers go into the source.
+        """
+        namespace: dict[str, Any] = {
+            "utf8": "utf-8",
+            "fromisoformat": dt.datetime.fromisoformat,
+            "UTC": dt.UTC,
+            "dumps": orjson.dumps,
+        }
+        body: list[str] = []
+        values: dict[int, str] = {}
+        cursor_value = "None"
+
+        def walk(node: _Node, holder: str, optional_holder: bool) -> None:
+            nonlocal cursor_value
+            for position, child in enumerate(node.children.values()):
+                read = f"{holder}.f{position}"
+                if optional_holder:
+                    read = f"({read} if {holder} is not None else None)"
+                target = f"n{len(body)}"
+                body.append(f"{target} = {read}")
+                if isinstance(child, _Node):
+                    walk(child, target, not child.required)
+                    continue
+                if child.cursor:
+                    cursor_value = target
+                native = (
+                    not child.cursor
+                    and len(child.columns) == 1
+                    and (self._types[child.columns[0]] in _NATIVE)
+                )
+                for index in child.columns:
+                    if not native and self._types[index] == "jsonb":
+                        # The Python path's _jsonb inline: the page holds no escaped NUL.
+                        body.append(
+                            f"v{index} = dumps({target}).decode() if {target} is not None else "
+                            + (f"slow{index}(None)" if self._required[index] else "None")
+                        )
+                        namespace[f"slow{index}"] = self._slow[index]
+                        values[index] = f"v{index}"
+                    elif native and self._types[index] == "timestamptz":
+                        namespace[f"slow{index}"] = self._slow[index]
+                        body.extend(_timestamp_lines(target, index, self._required[index]))
+                        values[index] = target
+                    elif native:
+                        values[index] = target
+                    else:
+                        namespace[f"slow{index}"] = self._slow[index]
+                        body.append(f"v{index} = slow{index}({target})")
+                        values[index] = f"v{index}"
+
+        walk(record, "r", False)
+        row = [values[index] for index in range(len(self._types))]
+        if self.store_raw:
+            row.append("text")
+            namespace["decode"] = self._record_decoder.decode
+        indent = " " * 8
+        source = "\n".join(
+            [
+                "def build(records):",
+                "    rows = []",
+                "    cursors = []" if self._cursor_steps is not None else "    cursors = None",
+                "    append = rows.append",
+                "    for r in records:",
+                *(
+                    [indent + "text = str(r, utf8)", indent + "r = decode(r)"]
+                    if self.store_raw
+                    else []
+                ),
+                *(indent + line for line in body),
+                indent + f"append(({', '.join(row)},))",
+                *(
+                    [indent + f"cursors.append({cursor_value})"]
+                    if self._cursor_steps is not None
+                    else []
+                ),
+                "    return rows, cursors",
+            ]
+        )
+        exec(compile(source, f"<typed rows for {self.endpoint}>", "exec"), namespace)
+        built: Callable[[Iterable[Any]], Any] = namespace["build"]
+        return built
+
+
+def _insert(node: _Node, steps: list[str], kind: type[_Leaf]) -> _Leaf:
+    """The leaf at ``steps`` under ``node``, created (with its parents) if new."""
+    for step in steps[:-1]:
+        child = node.children.setdefault(step, _Node())
+        if isinstance(child, _Leaf):  # a column reads the whole object and another a key in it
+            raise ValueError(f"path step {step!r} is both a value and an object")
+        node = child
+    leaf = node.children.setdefault(steps[-1], kind())
+    if isinstance(leaf, _Node):
+        raise ValueError(f"path step {steps[-1]!r} is both a value and an object")
+    return leaf
+
+
+def _timestamp_lines(value: str, index: int, required: bool) -> list[str]:
+    """``value = fromisoformat(value)`` as the Python path does it; on any doubt its slow path."""
+    lines = [
+        "try:",
+        f"    {value} = fromisoformat({value})",
+        "except ValueError:",
+        f"    {value} = slow{index}({value})",
+        "else:",
+        f"    if {value}.tzinfo is None: {value} = {value}.replace(tzinfo=UTC)",
+    ]
+    if required:
+        return lines
+    return [f"if {value} is not None:", *("    " + line for line in lines)]
+
+
+def _mark_required(node: _Node, steps: list[str]) -> None:
+    for step in steps[:-1]:
+        child = node.children[step]
+        assert isinstance(child, _Node)
+        child.required = True
+        node = child
+
+
+def _child_node(node: _Node, key: str) -> _Node:
+    child = node.children.get(key)
+    return child if isinstance(child, _Node) else _Node()
+
+
+def typed_pages_for(endpoint: Endpoint, enabled: bool = True) -> TypedPages | None:
+    """The typed decoder for ``endpoint``, or None when it must use the Python path throughout."""
+    if not enabled:
+        return None
+    reason = why_not_typed(endpoint)
+    if reason is None:
+        try:
+            return TypedPages(endpoint)
+        except ValueError as exc:  # overlapping paths: the Python path handles them
+            reason = str(exc)
+    log.debug("typed_decode_off", endpoint=endpoint.name, reason=reason)
+    return None

@@ -1,0 +1,253 @@
+"""The typed decoder gives exactly the Python path's rows, or hands the page to the Python path."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from ingest.config import parse_config
+from ingest.rows import RowBuilder
+from ingest.typed import BuiltRows, TypedPages, typed_pages_for, why_not_typed
+from tests.helpers import config_text, make_config, run
+from tests.servers import page_number_app, serve
+
+COLUMNS = {
+    "id": {"path": "id", "type": "bigint"},
+    "name": {"path": "name", "type": "text"},
+    "small": {"path": "small", "type": "integer"},
+    "score": {"path": "score", "type": "double"},
+    "price": {"path": "price", "type": "numeric"},
+    "flag": {"path": "flag", "type": "boolean"},
+    "at": {"path": "at", "type": "timestamptz"},
+    "day": {"path": "day", "type": "date"},
+    "tags": {"path": "tags", "type": "jsonb"},
+    "plan": {"path": "profile.plan", "type": "text"},
+    "seats": {"path": "profile.seats", "type": "integer", "nullable": "false"},
+    "deep": {"path": "profile.limits.max", "type": "bigint"},
+}
+
+#: Per column: values the Python path converts, and values it rejects or must decide itself.
+GOOD: dict[str, list[Any]] = {
+    "id": [1, 2**62, -5],
+    "name": ["Zoë 🚀", "", "a\tb\n", "x" * 300],
+    "small": [0, 2**31 - 1, -(2**31)],
+    "score": [1.5, 2, -0.0, 1e300, 123456789012345678],
+    "price": [12.3, "12.30", 7, "1e3"],
+    "flag": [True, False],
+    "at": [
+        "2026-01-02T03:04:05Z",
+        "2026-01-02T03:04:05.123456+05:30",
+        "2026-01-02 03:04:05+00:00",
+        "2026-01-02T03:04:05",
+    ],
+    "day": ["2026-01-02", "1999-12-31"],
+    "tags": [["a", "b"], {"k": [1, None, 2.5]}, 3, "s", [], {}],
+    "plan": ["pro", "ü"],
+    "seats": [1, 49],
+    "deep": [10, -1],
+}
+ODD: dict[str, list[Any]] = {
+    "id": ["2", 3.0, 2**63, True, 1.5, None, "x"],
+    "name": [12.5, True, {"a": 1}, ["x"], "nul\x00"],
+    "small": [2**31, "7", 7.0, False],
+    "score": ["1.5", True, "NaN?", [1]],
+    "price": [True, "abc", {"a": 1}],
+    "flag": ["yes", 1, 0, "maybe", 2],
+    "at": [
+        " 2026-01-02T03:04:05Z ",
+        "2026-01-02t03:04:05z",
+        "2026-01-02T03:04:05.1234567Z",
+        "2026-01-02T03:04Z",
+        1_700_000_000_000,
+        "yesterday",
+        True,
+    ],
+    "day": ["2026-01-02T10:00:00Z", "20260102", "2026-1-2", 5],
+    "tags": [["nul\x00"]],
+    "plan": [1, None],
+    "seats": [None, "4", 4.0, 1.5],
+    "deep": ["3", None],
+}
+
+
+def _record(rng: random.Random, clean: bool) -> Any:
+    if not clean and rng.random() < 0.05:
+        return rng.choice([None, "not a record", [1, 2], 7])
+    record: dict[str, Any] = {}
+    profile: dict[str, Any] = {}
+    for name, column in COLUMNS.items():
+        choices = GOOD[name] if clean or rng.random() < 0.8 else ODD[name]
+        if rng.random() < 0.1 and name not in {"id", "seats"}:
+            continue  # missing
+        value = rng.choice(choices)
+        steps = column["path"].split(".")
+        if steps[0] != "profile":
+            record[steps[0]] = value
+        elif len(steps) == 2:
+            profile[steps[1]] = value
+        else:
+            profile.setdefault("limits", {})["max"] = value
+    if not clean and rng.random() < 0.1:
+        record["profile"] = rng.choice([None, "p", []])
+    else:
+        record["profile"] = profile
+    record["extra"] = {"ignored": [1, 2, {"x": None}]}
+    return record
+
+
+def _loaded(store_raw: bool, **options: Any) -> Any:
+    return parse_config(
+        config_text(
+            "http://127.0.0.1:1",
+            pagination=options.pop(
+                "pagination", {"style": "page_number", "total_path": "meta.total"}
+            ),
+            records_path="data.items",
+            columns=options.pop("columns", COLUMNS),
+            store_raw=store_raw,
+            **options,
+        ),
+        Path("typed.toml"),
+        {},
+    )
+
+
+def _comparable(rows: list[tuple[Any, ...]], store_raw: bool) -> list[Any]:
+    """Rows as reprs; the raw column (last) as parsed JSON, since its spelling may differ."""
+    if not store_raw:
+        return [tuple(map(repr, row)) for row in rows]
+    return [(tuple(map(repr, row[:-1])), orjson.loads(row[-1])) for row in rows]
+
+
+@pytest.mark.parametrize("store_raw", [False, True])
+def test_same_rows_as_the_python_path_or_the_python_path(store_raw: bool) -> None:
+    endpoint = _loaded(store_raw).source.endpoints[0]
+    typed = TypedPages(endpoint)
+    builder = RowBuilder(endpoint.table)
+    rng = random.Random(20261125)
+    typed_pages = 0
+    for number in range(600):
+        clean = number % 2 == 0
+        records = [_record(rng, clean) for _ in range(rng.randint(1, 6))]
+        page = {"meta": {"total": "600", "page": number}, "data": {"items": records, "n": 1}}
+        body = orjson.dumps(page)
+        document = typed(body)
+        expected = orjson.loads(body)
+        rows, rejected = builder.build_many(expected["data"]["items"])
+        items = document["data"]["items"]
+        if isinstance(items, BuiltRows):
+            typed_pages += 1
+            assert rejected == [], f"typed path accepted what the Python path rejects: {page}"
+            assert _comparable(list(items), store_raw) == _comparable(rows, store_raw), page
+            # The paginator's view: the keys it reads, as plain JSON.
+            assert document["meta"] == expected["meta"]
+        else:
+            assert document == expected
+    # Clean pages (every other one) all take the fast path; most others do not.
+    assert 300 <= typed_pages < 450, typed_pages
+    assert typed.typed_pages == typed_pages
+    assert typed.fallback_pages == 600 - typed_pages
+
+
+def test_escaped_nul_and_malformed_pages() -> None:
+    endpoint = _loaded(False).source.endpoints[0]
+    typed = TypedPages(endpoint)
+    good = {"id": 1, "profile": {"seats": 1}}
+    nul = orjson.dumps({"data": {"items": [good, {**good, "name": "a\x00"}]}})
+    assert typed(nul) == orjson.loads(nul)
+    with pytest.raises(orjson.JSONDecodeError):
+        typed(b'{"data": {"items": [')
+
+
+def test_document_keeps_absent_keys_absent() -> None:
+    endpoint = _loaded(False).source.endpoints[0]
+    typed = TypedPages(endpoint)
+    record = {"id": 1, "profile": {"seats": 1}}
+    without_meta = typed(orjson.dumps({"data": {"items": [record]}}))
+    assert set(without_meta) == {"data"}
+    null_meta = typed(orjson.dumps({"meta": None, "data": {"items": [record]}, "other": 1}))
+    assert null_meta["meta"] is None
+    assert "other" not in null_meta  # the paginator does not read it
+    assert isinstance(null_meta["data"]["items"], BuiltRows)
+
+
+def test_top_level_list_and_cursor_values() -> None:
+    text = config_text(
+        "http://127.0.0.1:1",
+        pagination={"style": "link_header"},
+        records_path="",
+        columns={
+            "id": {"path": "id", "type": "bigint"},
+            "at": {"path": "updated_at", "type": "timestamptz"},
+        },
+        store_raw=False,
+    )
+    text += '[endpoints.incremental]\ncursor_path = "updated_at"\nparam = "since"\n'
+    endpoint = parse_config(text, Path("typed.toml"), {}).source.endpoints[0]
+    typed = typed_pages_for(endpoint)
+    assert typed is not None
+    rows = typed(b'[{"id": 1, "updated_at": "2026-01-02T00:00:00Z"}, {"id": 2}]')
+    assert isinstance(rows, BuiltRows)
+    assert rows.cursor_values == ["2026-01-02T00:00:00Z", None]
+    assert [row[0] for row in rows] == [1, 2]
+
+
+def test_endpoints_the_typed_decoder_leaves_alone() -> None:
+    def endpoint(**options: Any) -> Any:
+        return _loaded(False, **options).source.endpoints[0]
+
+    assert why_not_typed(endpoint()) is None
+    index_column = {**COLUMNS, "first_tag": {"path": "tags.0", "type": "text"}}
+    assert "tags.0" in (why_not_typed(endpoint(columns=index_column)) or "")
+    assert why_not_typed(endpoint(load="server")) == "load is server"
+    reads_records = endpoint(
+        pagination={"style": "cursor", "cursor_param": "c", "cursor_path": "data.items.-1.id"}
+    )
+    assert "reads the records" in (why_not_typed(reads_records) or "")
+    overlapping = {**COLUMNS, "profile": {"path": "profile", "type": "jsonb"}}
+    assert typed_pages_for(endpoint(columns=overlapping)) is None
+    assert typed_pages_for(endpoint(), enabled=False) is None
+
+
+async def test_pipeline_writes_the_same_tables_either_way(database: str, db: Any) -> None:
+    """Messy data end to end: typed decoding on and off land identical rows and dead letters."""
+    rng = random.Random(7)
+    records = []
+    for index in range(1, 401):
+        # Odd pages (of 20) clean, so both paths run: even pages mostly take the Python path.
+        record = _record(rng, clean=(index - 1) // 20 % 2 == 0 or rng.random() < 0.9)
+        if isinstance(record, dict):
+            record["id"] = index  # unique keys, so merge keeps every record
+        records.append(record)
+    async with serve(page_number_app(records, default_size=20)) as base_url:
+        for typed, table in ((True, "typed_on"), (False, "typed_off")):
+            loaded = make_config(
+                base_url,
+                pagination={"style": "page_number", "page_size_param": "per_page", "page_size": 20},
+                records_path="data.items",
+                columns=COLUMNS,
+                table=table,
+                endpoint=table,
+                pipeline={"typed_decode": typed},
+            )
+            result = await run(loaded, database)
+            stats = result.endpoints[table]
+            assert stats.pages == 21
+            if typed:  # both paths ran
+                assert 8 <= stats.typed_pages <= 14, stats.typed_pages
+            else:
+                assert stats.typed_pages == 0
+    columns = ", ".join(f'"{name}"' for name in [*COLUMNS, "_ingest_raw"])
+    on = await db.fetch(f"SELECT {columns} FROM typed_on EXCEPT SELECT {columns} FROM typed_off")
+    off = await db.fetch(f"SELECT {columns} FROM typed_off EXCEPT SELECT {columns} FROM typed_on")
+    assert on == [] and off == []
+    count = await db.fetchval("SELECT count(*) FROM typed_on")
+    assert 200 < count < 400
+    dead = await db.fetch(
+        "SELECT endpoint, count(*) AS n FROM ingest.dead_letters GROUP BY endpoint ORDER BY 1"
+    )
+    assert [row["n"] for row in dead] == [400 - count, 400 - count]
