@@ -16,6 +16,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from ingest.errors import IngestError, one_line
+from ingest.pgcodecs import install_codecs
 
 #: A connection, whether held directly or borrowed from a pool.
 Connection = asyncpg.Connection | PoolConnectionProxy
@@ -50,7 +51,9 @@ def describe_dsn(dsn: str | None) -> str:
 async def open_pool(dsn: str | None, *, size: int) -> AsyncIterator[asyncpg.Pool]:
     """A connection pool; a connection failure becomes a one-line error naming the server."""
     try:
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max(2, size))
+        pool = await asyncpg.create_pool(
+            dsn, min_size=1, max_size=max(2, size), init=install_codecs
+        )
     except (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise IngestError(
             f"cannot connect to PostgreSQL at {describe_dsn(dsn)}: {one_line(exc)} "

@@ -422,6 +422,8 @@ class HttpClient:
                 f"{self.redactor.url(url)}: response of {declared} bytes exceeds "
                 f"http.max_response_bytes={limit}"
             )
+        if declared is not None:  # aiohttp reads exactly that many bytes, in one buffer
+            return await response.read()
         chunks: list[bytes] = []
         size = 0
         async for chunk in response.content.iter_chunked(1 << 16):
