@@ -28,6 +28,7 @@ import orjson
 
 from bench.target import COLUMNS
 from ingest.config import Table
+from ingest.pgcodecs import install_codecs
 from ingest.rows import RowBuilder
 from ingest.sink import TableSink
 
@@ -84,7 +85,10 @@ async def copy_ceiling(
         prepared.extend(rows)
     sink = TableSink(_table("bench_copy"))
     columns = list(sink.columns)
-    pool = await asyncpg.create_pool(dsn, min_size=connections, max_size=connections)
+    # The same timestamptz codec as ingest's pool, so the ceiling is the best COPY there is.
+    pool = await asyncpg.create_pool(
+        dsn, min_size=connections, max_size=connections, init=install_codecs
+    )
     async with pool.acquire() as connection:
         await connection.execute(sink.create_sql())
     batches = asyncio.Queue[list[tuple[Any, ...]] | None]()

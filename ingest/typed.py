@@ -177,7 +177,8 @@ class TypedPages:
     def __call__(self, body: bytes) -> Any:
         """The page's document; raises only what ``orjson.loads`` raises (malformed JSON)."""
         try:
-            if _NUL in body:
+            # memchr for a backslash first: most pages have none, and it is ~10x the speed.
+            if b"\\" in body and _NUL in body:
                 raise Refused("an escaped NUL")
             decoded = self._decoder.decode(body)
             rows, cursors = self._build(self._records_of(decoded))
