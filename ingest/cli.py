@@ -246,6 +246,8 @@ async def _validate(args: argparse.Namespace, redactor: Redactor) -> int:
     result = await validate(args.config, dsn, redactor, check_seconds=args.timeout)
     for problem in result.problems:
         print(problem)
+    for note in result.notes:
+        print(note)
     if result.problems:
         print(f"ingest: {len(result.problems)} problem(s) in {args.config}", file=sys.stderr)
     else:

@@ -140,6 +140,8 @@ class TypedPages:
         self.endpoint = endpoint.name
         self.typed_pages = 0
         self.fallback_pages = 0
+        #: Why the last page took the Python path (types and JSON position, never values).
+        self.last_reason: str | None = None
         self._records_steps = _plain_steps(endpoint.records_path) or []
         table = endpoint.table
         record = _Node()
@@ -184,14 +186,14 @@ class TypedPages:
             rows, cursors = self._build(self._records_of(decoded))
         except (msgspec.ValidationError, msgspec.DecodeError, RowError, Refused) as exc:
             self.fallback_pages += 1
+            # RowError messages quote the value; msgspec's and ours name types and positions.
+            self.last_reason = (
+                str(exc)
+                if isinstance(exc, msgspec.ValidationError | Refused)
+                else f"a value the Python converters must decide ({type(exc).__name__})"
+            )
             if self.fallback_pages == 1:
-                log.info(
-                    "typed_decode_fallback",
-                    endpoint=self.endpoint,
-                    reason=str(exc)
-                    if isinstance(exc, msgspec.ValidationError | Refused)
-                    else type(exc).__name__,
-                )
+                log.info("typed_decode_fallback", endpoint=self.endpoint, reason=self.last_reason)
             return orjson.loads(body)
         self.typed_pages += 1
         built = BuiltRows(rows)

@@ -153,3 +153,40 @@ async def test_validate_passes_a_good_config_with_exit_code_zero(
     assert completed.stdout == (
         f"ok: {config}: config valid, 1 endpoint(s) answered, database reachable and migrated\n"
     )
+
+
+async def test_validate_notes_pages_that_miss_typed_decoding(
+    database: str, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Ids sent as strings convert fine, but on the slower path: a note, still exit code 0."""
+
+    async def items(request: web.Request) -> web.Response:
+        return json_response({"data": [{"id": "1", "name": "a"}, {"id": "2", "name": "b"}]})
+
+    columns = {"id": {"path": "id", "type": "bigint"}, "name": {"path": "name", "type": "text"}}
+    async with serve(_app({"/items": items})) as base:
+        config = tmp_path / "strings.toml"
+        config.write_text(
+            config_text(base, pagination={"style": "single"}, records_path="data", columns=columns)
+        )
+        completed = await asyncio.to_thread(_cli, config, cli_env)
+        indexed = tmp_path / "indexed.toml"
+        indexed.write_text(
+            config_text(
+                base,
+                pagination={"style": "single"},
+                records_path="data",
+                columns={**columns, "first": {"path": "tags.0", "type": "text"}},
+            )
+        )
+        completed_indexed = await asyncio.to_thread(_cli, indexed, cli_env)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    lines = completed.stdout.splitlines()
+    # With store_raw (the default) each record is decoded on its own: the path is the record's.
+    assert lines[0] == (
+        f"endpoint items: {base}/items: note: the first page takes the slower Python row path "
+        "(Expected `int`, got `str` - at `$.id`); see README, typed decoding"
+    )
+    assert lines[1].startswith(f"ok: {config}: config valid")
+    assert completed_indexed.returncode == 0
+    assert "slower Python row path (column path 'tags.0')" in completed_indexed.stdout
