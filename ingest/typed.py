@@ -54,6 +54,16 @@ _NATIVE: dict[str, Any] = {
     "date": dt.date,
 }
 
+#: Types whose values APIs often send as JSON strings ("42", "true"). The strict variant refuses a
+#: string there; once a page shows one, the endpoint switches to a lenient variant that accepts
+#: ``T | str`` and converts each string with the Python path's converter (exact same rules).
+_STRINGS_TOO = frozenset({"bigint", "integer", "double", "boolean"})
+#: After this many pages in a row that the typed decoder refused, it rests ...
+FALLBACKS_BEFORE_REST = 8
+#: ... for this many pages (straight to orjson), then tries again: an endpoint whose every page
+#: falls back pays for the failed attempts on at most ~1 page in 9, not on every page.
+REST_PAGES = 64
+
 #: A pagination field the page did not have (as opposed to one that was JSON null).
 _ABSENT: Any = type("Absent", (), {"__repr__": lambda self: "<absent>"})()
 #: An escaped NUL anywhere in the page: PostgreSQL text cannot store it, the Python path decides.
@@ -72,6 +82,15 @@ class BuiltRows(list[tuple[Any, ...]]):
 
 class Refused(Exception):
     """The typed decoder will not convert this page; the Python path takes it."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Variant:
+    """One generated decoder + row loop; ``lenient`` ones accept numbers and flags as strings."""
+
+    decoder: msgspec.json.Decoder[Any]
+    build: Callable[[Iterable[Any]], Any]
+    lenient: bool
 
 
 @dataclass
@@ -140,8 +159,13 @@ class TypedPages:
         self.endpoint = endpoint.name
         self.typed_pages = 0
         self.fallback_pages = 0
+        #: Pages sent straight to orjson while resting after repeated fallbacks (also counted
+        #: in ``fallback_pages``).
+        self.rested_pages = 0
         #: Why the last page took the Python path (types and JSON position, never values).
         self.last_reason: str | None = None
+        self._fallbacks_in_a_row = 0
+        self._rest = 0
         self._records_steps = _plain_steps(endpoint.records_path) or []
         table = endpoint.table
         record = _Node()
@@ -163,42 +187,76 @@ class TypedPages:
         self._required = [
             required_column(name, column, required) for name, column in table.columns.items()
         ]
-        record_type = self._struct("Record", record)
         self.store_raw = table.store_raw
-        self._record_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(record_type)
-        self._build = self._compile(record, record_type)
-        items: Any = list[msgspec.Raw] if self.store_raw else list[record_type]  # type: ignore[valid-type]
-        envelope = _Node()
+        self._record = record
+        self._envelope_node = _Node()
         for path in pagination_paths(endpoint):
-            _insert(envelope, _plain_steps(path) or [], _Leaf)
-        self._envelope_type: Any = self._envelope(envelope, self._records_steps, items)
-        self._decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(self._envelope_type)
+            _insert(self._envelope_node, _plain_steps(path) or [], _Leaf)
+        self._current = self._variant(lenient=False)
+
+    def _variant(self, *, lenient: bool) -> _Variant:
+        record_type = self._struct("Record", self._record, lenient)
+        record_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(record_type)
+        build = self._compile(self._record, record_decoder, lenient)
+        items: Any = list[msgspec.Raw] if self.store_raw else list[record_type]  # type: ignore[valid-type]
+        page_type = self._envelope(self._envelope_node, self._records_steps, items)
+        return _Variant(msgspec.json.Decoder(page_type), build, lenient)
 
     # -- decoding ---------------------------------------------------------------------------------
 
     def __call__(self, body: bytes) -> Any:
         """The page's document; raises only what ``orjson.loads`` raises (malformed JSON)."""
+        if self._rest:
+            self._rest -= 1
+            self.rested_pages += 1
+            self.fallback_pages += 1
+            return orjson.loads(body)
         try:
             # memchr for a backslash first: most pages have none, and it is ~10x the speed.
             if b"\\" in body and _NUL in body:
                 raise Refused("an escaped NUL")
-            decoded = self._decoder.decode(body)
-            rows, cursors = self._build(self._records_of(decoded))
+            try:
+                document = self._decode(self._current, body)
+            except msgspec.ValidationError as exc:
+                if self._current.lenient or "got `str`" not in str(exc):
+                    raise
+                log.info("typed_decode_lenient", endpoint=self.endpoint, reason=str(exc))
+                self._current = self._variant(lenient=True)
+                document = self._decode(self._current, body)
         except (msgspec.ValidationError, msgspec.DecodeError, RowError, Refused) as exc:
-            self.fallback_pages += 1
-            # RowError messages quote the value; msgspec's and ours name types and positions.
-            self.last_reason = (
-                str(exc)
-                if isinstance(exc, msgspec.ValidationError | Refused)
-                else f"a value the Python converters must decide ({type(exc).__name__})"
-            )
-            if self.fallback_pages == 1:
-                log.info("typed_decode_fallback", endpoint=self.endpoint, reason=self.last_reason)
+            self._fell_back(exc)
             return orjson.loads(body)
+        self._fallbacks_in_a_row = 0
         self.typed_pages += 1
+        return document
+
+    def _decode(self, variant: _Variant, body: bytes) -> Any:
+        decoded = variant.decoder.decode(body)
+        rows, cursors = variant.build(self._records_of(decoded))
         built = BuiltRows(rows)
         built.cursor_values = cursors
         return self._document(decoded, built, self._records_steps)
+
+    def _fell_back(self, exc: Exception) -> None:
+        self.fallback_pages += 1
+        # RowError messages quote the value; msgspec's and ours name types and positions.
+        self.last_reason = (
+            str(exc)
+            if isinstance(exc, msgspec.ValidationError | Refused)
+            else f"a value the Python converters must decide ({type(exc).__name__})"
+        )
+        if self.fallback_pages == 1:
+            log.info("typed_decode_fallback", endpoint=self.endpoint, reason=self.last_reason)
+        self._fallbacks_in_a_row += 1
+        if self._fallbacks_in_a_row >= FALLBACKS_BEFORE_REST:
+            self._fallbacks_in_a_row = 0
+            self._rest = REST_PAGES
+            log.info(
+                "typed_decode_resting",
+                endpoint=self.endpoint,
+                pages=REST_PAGES,
+                reason=self.last_reason,
+            )
 
     def _records_of(self, decoded: Any) -> Any:
         for _ in self._records_steps:
@@ -220,23 +278,23 @@ class TypedPages:
 
     # -- generated types and loop ---------------------------------------------------------------
 
-    def _struct(self, name: str, node: _Node) -> Any:
+    def _struct(self, name: str, node: _Node, lenient: bool) -> Any:
         """A msgspec struct for ``node``; fields are f0, f1, ... renamed to the JSON keys."""
         fields: list[tuple[str, Any, Any]] = []
         for position, (key, child) in enumerate(node.children.items()):
             attribute = f"f{position}"
             if isinstance(child, _Node):
-                kind = self._struct(f"{name}_{position}", child)
+                kind = self._struct(f"{name}_{position}", child, lenient)
                 required = child.required
             else:
-                kind, required = self._leaf_type(child)
+                kind, required = self._leaf_type(child, lenient)
             if required:
                 fields.append((attribute, kind, msgspec.field(name=key)))
             else:
                 fields.append((attribute, kind | None, msgspec.field(name=key, default=None)))
         return msgspec.defstruct(name, fields, gc=False, kw_only=True)
 
-    def _leaf_type(self, leaf: _Leaf) -> tuple[Any, bool]:
+    def _leaf_type(self, leaf: _Leaf, lenient: bool) -> tuple[Any, bool]:
         """Native when one column alone reads the leaf and its type has a native decoding."""
         if leaf.cursor or len(leaf.columns) != 1:
             return Any, False
@@ -244,6 +302,8 @@ class TypedPages:
         native = _NATIVE.get(self._types[index])
         if native is None:
             return Any, False
+        if lenient and self._types[index] in _STRINGS_TOO:
+            native = native | str
         return native, self._required[index]
 
     def _envelope(self, node: _Node, steps: list[str], items: Any) -> Any:
@@ -262,7 +322,9 @@ class TypedPages:
                 fields.append((f"p{position}", Any, msgspec.field(name=key, default=_ABSENT)))
         return msgspec.defstruct("Page", fields, gc=False, kw_only=True)
 
-    def _compile(self, record: _Node, record_type: Any) -> Callable[[Iterable[Any]], Any]:
+    def _compile(
+        self, record: _Node, record_decoder: msgspec.json.Decoder[Any], lenient: bool
+    ) -> Callable[[Iterable[Any]], Any]:
         """One loop for the table: attribute reads, a converter call only for plain-JSON leaves.
 
         Only generated names and ``repr`` of integers go into the source.
@@ -309,6 +371,11 @@ class TypedPages:
                         body.extend(_timestamp_lines(target, index, self._required[index]))
                         values[index] = target
                     elif native:
+                        if lenient and self._types[index] in _STRINGS_TOO:
+                            namespace[f"slow{index}"] = self._slow[index]
+                            body.append(
+                                f"if type({target}) is str: {target} = slow{index}({target})"
+                            )
                         values[index] = target
                     else:
                         namespace[f"slow{index}"] = self._slow[index]
@@ -319,7 +386,7 @@ class TypedPages:
         row = [values[index] for index in range(len(self._types))]
         if self.store_raw:
             row.append("text")
-            namespace["decode"] = self._record_decoder.decode
+            namespace["decode"] = record_decoder.decode
         indent = " " * 8
         source = "\n".join(
             [

@@ -11,7 +11,14 @@ import pytest
 
 from ingest.config import parse_config
 from ingest.rows import RowBuilder
-from ingest.typed import BuiltRows, TypedPages, typed_pages_for, why_not_typed
+from ingest.typed import (
+    FALLBACKS_BEFORE_REST,
+    REST_PAGES,
+    BuiltRows,
+    TypedPages,
+    typed_pages_for,
+    why_not_typed,
+)
 from tests.helpers import config_text, make_config, run
 from tests.servers import page_number_app, serve
 
@@ -161,6 +168,49 @@ def test_escaped_nul_and_malformed_pages() -> None:
     assert typed(nul) == orjson.loads(nul)
     with pytest.raises(orjson.JSONDecodeError):
         typed(b'{"data": {"items": [')
+
+
+@pytest.mark.parametrize("store_raw", [False, True])
+def test_numbers_and_flags_sent_as_strings_stay_on_the_typed_path(store_raw: bool) -> None:
+    """The first string in a number column switches the endpoint to the lenient variant."""
+    endpoint = _loaded(store_raw).source.endpoints[0]
+    typed = TypedPages(endpoint)
+    builder = RowBuilder(endpoint.table)
+    clean = {"id": 1, "score": 1.5, "flag": True, "profile": {"seats": 3, "limits": {"max": 9}}}
+    stringly = {
+        "id": " 2 ",
+        "score": "2.5",
+        "flag": "yes",
+        "small": "1e3",
+        "profile": {"seats": "4", "limits": {"max": "-7"}},
+    }
+    for records in ([clean], [clean, stringly], [stringly, clean], [{**stringly, "id": "x"}]):
+        body = orjson.dumps({"data": {"items": records}})
+        items = typed(body)["data"]["items"]
+        rows, rejected = builder.build_many(records)
+        if records[0].get("id") == "x" or records[-1].get("id") == "x":
+            assert not isinstance(items, BuiltRows)  # "x" is a dead letter: the Python path
+            assert len(rejected) == 1
+            continue
+        assert isinstance(items, BuiltRows), records
+        assert _comparable(list(items), store_raw) == _comparable(rows, store_raw)
+    assert typed.typed_pages == 3
+    assert typed.fallback_pages == 1
+
+
+def test_rests_after_repeated_fallbacks_then_tries_again() -> None:
+    endpoint = _loaded(False).source.endpoints[0]
+    typed = TypedPages(endpoint)
+    bad = orjson.dumps({"data": {"items": [{"id": 1.5, "profile": {"seats": 1}}]}})
+    good = orjson.dumps({"data": {"items": [{"id": 1, "profile": {"seats": 1}}]}})
+    for _ in range(FALLBACKS_BEFORE_REST):
+        typed(bad)
+    assert typed.rested_pages == 0
+    for _ in range(REST_PAGES):
+        assert not isinstance(typed(good)["data"]["items"], BuiltRows)  # resting: orjson
+    assert typed.rested_pages == REST_PAGES
+    assert isinstance(typed(good)["data"]["items"], BuiltRows)
+    assert typed.fallback_pages == FALLBACKS_BEFORE_REST + REST_PAGES
 
 
 def test_document_keeps_absent_keys_absent() -> None:

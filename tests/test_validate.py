@@ -158,10 +158,10 @@ async def test_validate_passes_a_good_config_with_exit_code_zero(
 async def test_validate_notes_pages_that_miss_typed_decoding(
     database: str, cli_env: dict[str, str], tmp_path: Path
 ) -> None:
-    """Ids sent as strings convert fine, but on the slower path: a note, still exit code 0."""
+    """Ids sent as 1.0 convert fine, but on the slower path: a note, still exit code 0."""
 
     async def items(request: web.Request) -> web.Response:
-        return json_response({"data": [{"id": "1", "name": "a"}, {"id": "2", "name": "b"}]})
+        return json_response({"data": [{"id": 1.0, "name": "a"}, {"id": 2.0, "name": "b"}]})
 
     columns = {"id": {"path": "id", "type": "bigint"}, "name": {"path": "name", "type": "text"}}
     async with serve(_app({"/items": items})) as base:
@@ -185,7 +185,7 @@ async def test_validate_notes_pages_that_miss_typed_decoding(
     # With store_raw (the default) each record is decoded on its own: the path is the record's.
     assert lines[0] == (
         f"endpoint items: {base}/items: note: the first page takes the slower Python row path "
-        "(Expected `int`, got `str` - at `$.id`); see README, typed decoding"
+        "(Expected `int`, got `float` - at `$.id`); see README, typed decoding"
     )
     assert lines[1].startswith(f"ok: {config}: config valid")
     assert completed_indexed.returncode == 0
