@@ -20,9 +20,9 @@ from ingest.errors import ConfigError, ExitCode, IngestError
 from ingest.log import configure_logging
 from ingest.migrate import migrate
 from ingest.observe import ObserveOptions, observing
-from ingest.pipeline import RunOptions
 from ingest.report import summary_table
 from ingest.runner import run_source
+from ingest.runstate import RunOptions
 from ingest.secrets import Redactor
 from ingest.status import collect_status, load_for_status, render_status
 from ingest.validate import validate

@@ -6,10 +6,11 @@ puts each page (its records plus the checkpoint after it) into a bounded ``async
 convert them to rows, and write them.
 
 Exactly once: batches are numbered as they are taken. A consumer may COPY in parallel with the
-others, but it commits only after the batch before it has committed (the :class:`CommitGate`),
-and it commits the batch, its dead letters and the checkpoint of its last page in one
-transaction. So the committed checkpoint always covers exactly the committed rows, in every
-interleaving and at every crash point.
+others, but it commits only after the batch before it has committed (the
+:class:`~ingest.runstate.CommitGate`), and it commits the batch, its dead letters and the
+checkpoint of its last page in one transaction (:mod:`ingest.batches`). So the committed
+checkpoint always covers exactly the committed rows, in every interleaving and at every crash
+point.
 
 Memory is bounded by configuration: at most ``queue_size`` pages wait in the queue and each
 consumer holds at most one batch (``batch_size`` records plus one page).
@@ -22,167 +23,48 @@ import contextlib
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
 
 import asyncpg
 import structlog
 
+from ingest.batches import BatchWriter
 from ingest.children import walk_children
 from ingest.config import Endpoint, LoadedConfig
-from ingest.cursor import CursorKind, CursorValue
-from ingest.db import Connection
+from ingest.cursor import CursorValue
 from ingest.errors import (
-    DeadLetterLimitError,
     IngestError,
     InterruptedRun,
     LockedError,
-    SinkError,
     one_line,
 )
-from ingest.events import NullObserver, RunObserver
 from ingest.http.messages import PageRequest
 from ingest.paginate import make_paginator
-from ingest.paths import compile_path
 from ingest.rows import RowBuilder
-from ingest.server_load import FALLBACK_ERRORS, ServerLoad
+from ingest.runstate import (
+    EndpointRun,
+    EndpointStats,
+    Partition,
+    RunOptions,
+    RunResult,
+)
+from ingest.server_load import ServerLoad
 from ingest.sink import TableSink
 from ingest.source import FetchedPage, Fetcher, resume_request, start_request, walk_endpoint
 from ingest.state import (
-    Checkpoint,
     finish_run,
     load_checkpoint,
     load_cursor,
-    save_checkpoint,
-    save_cursor,
-    save_dead_letters,
     start_run,
     try_lock_source,
     unlock_source,
 )
-from ingest.typed import BuiltRows, TypedPages, typed_pages_for
+from ingest.typed import typed_pages_for
 
 log = structlog.get_logger("ingest.pipeline")
 
-
-@dataclass(frozen=True, slots=True)
-class RunOptions:
-    """What a caller may vary per run."""
-
-    command: str = "run"
-    endpoints: tuple[str, ...] = ()
-    restart: bool = False
-    max_dead_letters: int | None = None
-    stop: asyncio.Event | None = None
-    observer: RunObserver = field(default_factory=NullObserver)
-
-
-#: Called inside each batch's transaction, after the batch's turn has come and before the
-#: checkpoint is written; ``done`` is true for the batch that ends the walk. Raising rolls the
-#: batch back (a backfill worker uses it to prove it still holds its partition's lease).
-Fence = Callable[[Connection, bool], Awaitable[None]]
-
-
-@dataclass(frozen=True, slots=True)
-class Partition:
-    """One window of a backfill: its checkpoint key, its extra query parameters, its fence."""
-
-    key: str
-    params: Mapping[str, str]
-    fence: Fence | None = None
-
-
-@dataclass(slots=True)
-class EndpointStats:
-    """Counters for one endpoint in one run; committed numbers only."""
-
-    pages: int = 0
-    records: int = 0
-    dead_letters: int = 0
-    batches: int = 0
-    #: Pages whose records the typed decoder converted (the rest took the Python row loop).
-    typed_pages: int = 0
-    resumed: bool = False
-    started: float = field(default_factory=time.monotonic)
-    finished: float | None = None
-
-    @property
-    def seconds(self) -> float:
-        return (self.finished or time.monotonic()) - self.started
-
-    @property
-    def records_per_second(self) -> float:
-        return self.records / self.seconds if self.seconds > 0 else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "pages": self.pages,
-            "records": self.records,
-            "dead_letters": self.dead_letters,
-            "batches": self.batches,
-            "typed_pages": self.typed_pages,
-            "resumed": self.resumed,
-            "seconds": round(self.seconds, 3),
-            "records_per_second": round(self.records_per_second, 1),
-        }
-
-
-@dataclass(slots=True)
-class RunResult:
-    run_id: uuid.UUID
-    endpoints: dict[str, EndpointStats]
-    retries: Counter[str]
-    interrupted: bool = False
-
-
-class CommitGate:
-    """Lets batch ``n`` commit only after batch ``n - 1`` has committed."""
-
-    def __init__(self) -> None:
-        self._next = 0
-        self._changed = asyncio.Condition()
-
-    async def wait_turn(self, sequence: int) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self._next == sequence)
-
-    async def committed(self, sequence: int) -> None:
-        async with self._changed:
-            self._next = sequence + 1
-            self._changed.notify_all()
-
-
 _END = object()
-
-
-@dataclass(slots=True)
-class _EndpointRun:
-    """Shared state of one endpoint's producer and consumers."""
-
-    endpoint: Endpoint
-    sink: TableSink
-    builder: RowBuilder
-    server: ServerLoad | None
-    #: The endpoint's typed decoder (pages straight to rows), None when it has none.
-    typed: TypedPages | None
-    queue: asyncio.Queue[Any]
-    stats: EndpointStats
-    base_records: int
-    base_pages: int
-    partition: Partition | None = None
-    cursor: CursorKind | None = None
-    cursor_max: CursorValue | None = None
-    high_water: CursorValue | None = None
-    gate: CommitGate = field(default_factory=CommitGate)
-    take_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    next_sequence: int = 0
-    ended: bool = False
-    interrupted: bool = False
-
-    @property
-    def partition_key(self) -> str:
-        return self.partition.key if self.partition else ""
 
 
 class Pipeline:
@@ -194,19 +76,19 @@ class Pipeline:
         pool: asyncpg.Pool,
         fetcher: Fetcher,
         *,
-        options: RunOptions = RunOptions(),
+        options: RunOptions | None = None,
         redact_url: Callable[[str], str] = str,
     ) -> None:
         self.loaded = loaded
         self.source = loaded.source
         self.pool = pool
         self.fetcher = fetcher
-        self.options = options
+        self.options = options or RunOptions()
         self.redact_url = redact_url
         self.settings = loaded.source.pipeline
         self.run_id = uuid.uuid4()
         self.stats: dict[str, EndpointStats] = {}
-        self._dead_letters_total = 0
+        self.writer = BatchWriter(pool, self.options)
         self._ensured: set[str] = set()
 
     def selected_endpoints(self) -> list[Endpoint]:
@@ -334,7 +216,9 @@ class Pipeline:
             return
         cursor = endpoint.incremental.kind() if endpoint.incremental else None
         sink = TableSink(endpoint.table)
-        state = _EndpointRun(
+        state = EndpointRun(
+            run_id=self.run_id,
+            source=self.source.name,
             endpoint=endpoint,
             sink=sink,
             builder=RowBuilder(endpoint.table),
@@ -367,7 +251,7 @@ class Pipeline:
             stats.finished = time.monotonic()
             log.info("endpoint_done", endpoint=endpoint.name, partition=key, **stats.as_dict())
 
-    def _start_params(self, state: _EndpointRun) -> dict[str, str]:
+    def _start_params(self, state: EndpointRun) -> dict[str, str]:
         """Query parameters of a fresh walk: the backfill window, or the incremental lower bound."""
         if state.partition is not None:
             return dict(state.partition.params)
@@ -385,7 +269,7 @@ class Pipeline:
         return {incremental.param: kind.render(lower)}
 
     def _pages(
-        self, state: _EndpointRun, resume: dict[str, Any] | None
+        self, state: EndpointRun, resume: dict[str, Any] | None
     ) -> AsyncGenerator[FetchedPage, None]:
         """The endpoint's pages: a plain walk, or one walk per parent row for a child endpoint."""
         endpoint = state.endpoint
@@ -429,7 +313,7 @@ class Pipeline:
             parse=state.typed,
         )
 
-    async def _produce(self, state: _EndpointRun, pages: AsyncGenerator[FetchedPage, None]) -> None:
+    async def _produce(self, state: EndpointRun, pages: AsyncGenerator[FetchedPage, None]) -> None:
         """Move pages into the queue until the walk ends or a stop is asked for.
 
         A stop does not wait for the fetch in flight (a slow server could hold it for the whole
@@ -466,7 +350,7 @@ class Pipeline:
             await pages.aclose()
         await state.queue.put(_END)
 
-    async def _take_batch(self, state: _EndpointRun) -> tuple[int, list[FetchedPage]]:
+    async def _take_batch(self, state: EndpointRun) -> tuple[int, list[FetchedPage]]:
         """Up to ``batch_size`` records (whole pages), or what arrived within ``batch_seconds``."""
         pages: list[FetchedPage] = []
         count = 0
@@ -496,197 +380,13 @@ class Pipeline:
             state.next_sequence += 1
         return sequence, pages
 
-    async def _consume(self, state: _EndpointRun) -> None:
+    async def _consume(self, state: EndpointRun) -> None:
         while True:
             async with state.take_lock:
                 sequence, pages = await self._take_batch(state)
             if not pages:
                 return
-            await self._write_batch(state, sequence, pages)
-
-    async def _write_batch(
-        self, state: _EndpointRun, sequence: int, pages: list[FetchedPage]
-    ) -> None:
-        endpoint = state.endpoint
-        rows: list[tuple[Any, ...]] = []
-        rejected: list[tuple[Any, str]] = []
-        if state.server is None:
-            rows, rejected = self._build_rows(state, pages)
-        written = len(rows)
-        batch_max = self._batch_cursor(state, pages)
-        merge = endpoint.table.mode == "merge"
-        last = pages[-1].checkpoint
-        try:
-            async with self.pool.acquire() as connection, connection.transaction():
-                loaded = None
-                if state.server is not None:
-                    loaded = await self._load_on_server(state, connection, pages, sequence)
-                if loaded is not None:
-                    written = loaded
-                else:
-                    if state.server is not None:
-                        rows, rejected = self._build_rows(state, pages)
-                        written = len(rows)
-                    if merge:
-                        await state.sink.stage(connection, rows)
-                    else:
-                        await state.sink.write(connection, rows)
-                await state.gate.wait_turn(sequence)
-                if merge and written:
-                    await state.sink.merge(connection)
-                if rejected:
-                    self._count_dead_letters(state, len(rejected))
-                    await save_dead_letters(
-                        connection,
-                        run_id=self.run_id,
-                        source=self.source.name,
-                        endpoint=endpoint.name,
-                        rejected=rejected,
-                    )
-                if state.partition is not None and state.partition.fence is not None:
-                    await state.partition.fence(connection, last is None)
-                cursor_max = _larger(state.cursor_max, batch_max)
-                await self._save_progress(connection, state, pages, written, cursor_max)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-            where = f" partition {state.partition_key}" if state.partition else ""
-            raise SinkError(
-                f"endpoint {endpoint.name}{where}: writing a batch of {written} rows to "
-                f"{endpoint.table.schema_}.{endpoint.table.name} failed "
-                f"({type(exc).__name__}: {one_line(exc)}); nothing of it was committed and "
-                "the last checkpoint holds: rerun to resume"
-            ) from None
-        state.cursor_max = cursor_max
-        stats = state.stats
-        stats.records += written
-        stats.pages += len(pages)
-        stats.typed_pages += sum(isinstance(page.records, BuiltRows) for page in pages)
-        stats.dead_letters += len(rejected)
-        stats.batches += 1
-        self.options.observer.batch_committed(
-            endpoint.name, rows=written, pages=len(pages), dead_letters=len(rejected)
-        )
-        log.debug(
-            "batch_committed",
-            endpoint=endpoint.name,
-            partition=state.partition_key,
-            sequence=sequence,
-            rows=written,
-            dead_letters=len(rejected),
-            page=pages[-1].number,
-        )
-        await state.gate.committed(sequence)
-
-    @staticmethod
-    def _build_rows(
-        state: _EndpointRun, pages: list[FetchedPage]
-    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, str]]]:
-        """Rows of the good records and (record, reason) of the rest, converted in Python."""
-        rows: list[tuple[Any, ...]] = []
-        rejected: list[tuple[Any, str]] = []
-        for page in pages:
-            if isinstance(page.records, BuiltRows):  # converted by the typed decoder
-                rows.extend(page.records)
-                continue
-            good, bad = state.builder.build_many(page.records, page.parent)
-            rows.extend(good)
-            rejected.extend(bad)
-        return rows, rejected
-
-    async def _load_on_server(
-        self,
-        state: _EndpointRun,
-        connection: Connection,
-        pages: list[FetchedPage],
-        sequence: int,
-    ) -> int | None:
-        """Let PostgreSQL convert the batch (``load = "server"``); ``None``: use Python instead.
-
-        The statements run in a savepoint, so a value PostgreSQL rejects leaves nothing behind
-        and the same transaction writes the batch the Python way, dead letters included.
-        """
-        assert state.server is not None
-        try:
-            async with connection.transaction():
-                return await state.server.load(connection, pages)
-        except FALLBACK_ERRORS as exc:
-            log.info(
-                "server_load_fallback",
-                endpoint=state.endpoint.name,
-                partition=state.partition_key,
-                sequence=sequence,
-                # The class only: PostgreSQL's message quotes the offending value (record data).
-                reason=type(exc).__name__,
-            )
-            return None
-
-    def _batch_cursor(self, state: _EndpointRun, pages: list[FetchedPage]) -> CursorValue | None:
-        incremental = state.endpoint.incremental
-        if incremental is None or state.cursor is None:
-            return None
-        get = compile_path(incremental.cursor_path)
-        return state.cursor.highest(
-            None,
-            (
-                value
-                for page in pages
-                for value in (
-                    page.records.cursor_values or ()
-                    if isinstance(page.records, BuiltRows)
-                    else map(get, page.records)
-                )
-            ),
-        )
-
-    async def _save_progress(
-        self,
-        connection: Connection,
-        state: _EndpointRun,
-        pages: list[FetchedPage],
-        rows: int,
-        cursor_max: CursorValue | None,
-    ) -> None:
-        """The checkpoint (and, when an incremental walk completes, the high-water mark)."""
-        last = pages[-1].checkpoint
-        kind = state.cursor
-        await save_checkpoint(
-            connection,
-            source=self.source.name,
-            endpoint=state.endpoint.name,
-            partition=state.partition_key,
-            checkpoint=Checkpoint(
-                state=last,
-                done=last is None,
-                records=state.base_records + state.stats.records + rows,
-                pages=state.base_pages + state.stats.pages + len(pages),
-                cursor_max=kind.dump(cursor_max) if kind and cursor_max is not None else None,
-            ),
-            run_id=self.run_id,
-        )
-        if last is None and state.partition is None and kind is not None:
-            high_water = _larger(state.high_water, cursor_max)
-            if high_water is not None:
-                await save_cursor(
-                    connection,
-                    source=self.source.name,
-                    endpoint=state.endpoint.name,
-                    value=kind.dump(high_water),
-                    run_id=self.run_id,
-                )
-
-    def _count_dead_letters(self, state: _EndpointRun, count: int) -> None:
-        """Enforce ``--max-dead-letters``: over the whole run, or per partition in a backfill."""
-        if state.partition is None:
-            self._dead_letters_total += count
-            total, where = self._dead_letters_total, f"endpoint {state.endpoint.name}"
-        else:
-            total = state.stats.dead_letters + count
-            where = f"endpoint {state.endpoint.name} partition {state.partition.key}"
-        limit = self.options.max_dead_letters
-        if limit is not None and total > limit:
-            raise DeadLetterLimitError(
-                f"{where}: {total} records failed conversion, "
-                f"more than --max-dead-letters {limit}; see ingest.dead_letters for reasons"
-            )
+            await self.writer.write(state, sequence, pages)
 
 
 _STOPPED = object()
@@ -713,14 +413,6 @@ async def _next_or_stop(
     if fetch.cancelled():
         return _STOPPED
     return fetch.result()
-
-
-def _larger(first: CursorValue | None, second: CursorValue | None) -> CursorValue | None:
-    if first is None:
-        return second
-    if second is None:
-        return first
-    return max(first, second)
 
 
 def _stats_key(endpoint: Endpoint, partition: Partition | None) -> str:

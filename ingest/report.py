@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ingest.pipeline import RunResult
+from ingest.runstate import RunResult
 
 
 def summary_table(result: RunResult) -> str:

@@ -22,7 +22,8 @@ from ingest.errors import ConfigError, InterruptedRun
 from ingest.events import RunObserver
 from ingest.http.client import HttpClient
 from ingest.migrate import pending
-from ingest.pipeline import Pipeline, RunOptions, RunResult
+from ingest.pipeline import Pipeline
+from ingest.runstate import RunOptions, RunResult
 from ingest.secrets import Redactor
 from ingest.tuning import relaxed_gc
 

@@ -30,8 +30,9 @@ from ingest.db import Connection
 from ingest.errors import ConfigError, IngestError, InterruptedRun, LeaseLostError, one_line
 from ingest.events import NullObserver, RunObserver
 from ingest.leases import PartitionRow
-from ingest.pipeline import EndpointStats, Partition, Pipeline, RunOptions, first_error
+from ingest.pipeline import Pipeline, first_error
 from ingest.runner import connected, stop_on_signals
+from ingest.runstate import EndpointStats, Partition, RunOptions
 from ingest.secrets import Redactor
 from ingest.source import Fetcher
 

@@ -9,8 +9,8 @@ from typing import Any
 import asyncpg
 
 from ingest.config import LoadedConfig, parse_config
-from ingest.pipeline import RunOptions, RunResult
 from ingest.runner import run_source
+from ingest.runstate import RunOptions, RunResult
 from ingest.secrets import Redactor
 
 DEFAULT_COLUMNS: dict[str, dict[str, str]] = {

@@ -1,0 +1,151 @@
+"""The state a run shares between its parts: options, partitions, counters, the commit gate.
+
+Kept apart from :mod:`ingest.pipeline` (which wires producers and consumers) and
+:mod:`ingest.batches` (which writes one batch), so both read the same definitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ingest.config import Endpoint
+from ingest.cursor import CursorKind, CursorValue
+from ingest.db import Connection
+from ingest.events import NullObserver, RunObserver
+from ingest.rows import RowBuilder
+from ingest.server_load import ServerLoad
+from ingest.sink import TableSink
+from ingest.typed import TypedPages
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """What a caller may vary per run."""
+
+    command: str = "run"
+    endpoints: tuple[str, ...] = ()
+    restart: bool = False
+    max_dead_letters: int | None = None
+    stop: asyncio.Event | None = None
+    observer: RunObserver = field(default_factory=NullObserver)
+
+
+#: Called inside each batch's transaction, after the batch's turn has come and before the
+#: checkpoint is written; ``done`` is true for the batch that ends the walk. Raising rolls the
+#: batch back (a backfill worker uses it to prove it still holds its partition's lease).
+Fence = Callable[[Connection, bool], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """One window of a backfill: its checkpoint key, its extra query parameters, its fence."""
+
+    key: str
+    params: Mapping[str, str]
+    fence: Fence | None = None
+
+
+@dataclass(slots=True)
+class EndpointStats:
+    """Counters for one endpoint in one run; committed numbers only."""
+
+    pages: int = 0
+    records: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+    #: Pages whose records the typed decoder converted (the rest took the Python row loop).
+    typed_pages: int = 0
+    resumed: bool = False
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        return (self.finished or time.monotonic()) - self.started
+
+    @property
+    def records_per_second(self) -> float:
+        return self.records / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "pages": self.pages,
+            "records": self.records,
+            "dead_letters": self.dead_letters,
+            "batches": self.batches,
+            "typed_pages": self.typed_pages,
+            "resumed": self.resumed,
+            "seconds": round(self.seconds, 3),
+            "records_per_second": round(self.records_per_second, 1),
+        }
+
+
+@dataclass(slots=True)
+class RunResult:
+    run_id: uuid.UUID
+    endpoints: dict[str, EndpointStats]
+    retries: Counter[str]
+    interrupted: bool = False
+
+
+class CommitGate:
+    """Lets batch ``n`` commit only after batch ``n - 1`` has committed."""
+
+    def __init__(self) -> None:
+        self._next = 0
+        self._changed = asyncio.Condition()
+
+    async def wait_turn(self, sequence: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._next == sequence)
+
+    async def committed(self, sequence: int) -> None:
+        async with self._changed:
+            self._next = sequence + 1
+            self._changed.notify_all()
+
+
+@dataclass(slots=True)
+class EndpointRun:
+    """Shared state of one endpoint's producer and consumers."""
+
+    run_id: uuid.UUID
+    source: str
+    endpoint: Endpoint
+    sink: TableSink
+    builder: RowBuilder
+    server: ServerLoad | None
+    #: The endpoint's typed decoder (pages straight to rows), None when it has none.
+    typed: TypedPages | None
+    queue: asyncio.Queue[Any]
+    stats: EndpointStats
+    base_records: int
+    base_pages: int
+    partition: Partition | None = None
+    cursor: CursorKind | None = None
+    cursor_max: CursorValue | None = None
+    high_water: CursorValue | None = None
+    gate: CommitGate = field(default_factory=CommitGate)
+    take_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    next_sequence: int = 0
+    ended: bool = False
+    interrupted: bool = False
+
+    @property
+    def partition_key(self) -> str:
+        return self.partition.key if self.partition else ""
+
+
+def larger(first: CursorValue | None, second: CursorValue | None) -> CursorValue | None:
+    """The later of two cursor values, either of which may be missing."""
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return max(first, second)
