@@ -240,11 +240,12 @@ class TypedPages:
     def _fell_back(self, exc: Exception) -> None:
         self.fallback_pages += 1
         # RowError messages quote the value; msgspec's and ours name types and positions.
-        self.last_reason = (
-            str(exc)
-            if isinstance(exc, msgspec.ValidationError | Refused)
-            else f"a value the Python converters must decide ({type(exc).__name__})"
-        )
+        if isinstance(exc, msgspec.ValidationError | Refused):
+            self.last_reason = str(exc)
+        elif isinstance(exc, msgspec.DecodeError):
+            self.last_reason = "the page is not valid JSON to msgspec"
+        else:
+            self.last_reason = "a value only the Python converters can decide (or dead-letter)"
         if self.fallback_pages == 1:
             log.info("typed_decode_fallback", endpoint=self.endpoint, reason=self.last_reason)
         self._fallbacks_in_a_row += 1
