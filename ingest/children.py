@@ -24,6 +24,7 @@ from ingest.errors import SourceError
 from ingest.paginate import make_paginator
 from ingest.sink import quote
 from ingest.source import FetchedPage, Fetcher, resume_request, start_request, walk_endpoint
+from ingest.typed import TypedPages
 
 log = structlog.get_logger("ingest.children")
 
@@ -90,8 +91,11 @@ async def walk_children(
     redact_url: Any = str,
     pages_ahead: int = 1,
     credential_params: frozenset[str] = frozenset(),
+    typed: TypedPages | None = None,
 ) -> AsyncGenerator[FetchedPage, None]:
     """Yield the pages of every parent's child walk; the last page's checkpoint is ``None``.
+
+    ``typed`` is the child endpoint's typed decoder, bound to each parent row in turn.
 
     ``state`` is the checkpoint to resume from: ``{"parent": key, "request": ..., "paginator":
     ...}`` (inside a parent's walk) or ``{"after": key}`` (parents up to ``key`` are done).
@@ -131,6 +135,7 @@ async def walk_children(
                 redact_url=redact_url,
                 pages_ahead=pages_ahead,
                 credential_params=credential_params,
+                parse=typed.for_parent(values) if typed is not None else None,
             )
             try:
                 async for page in pages:

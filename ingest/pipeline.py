@@ -286,6 +286,7 @@ class Pipeline:
                 redact_url=self.redact_url,
                 pages_ahead=self.source.pages_ahead(endpoint),
                 credential_params=self.source.credential_params(),
+                typed=state.typed,
             )
         paginator = make_paginator(endpoint.pagination)
         first: PageRequest

@@ -35,6 +35,7 @@ import orjson
 import structlog
 
 from ingest.config import PARENT_PREFIX, Endpoint
+from ingest.paths import compile_path
 from ingest.rows import CONVERTERS, INT32, INT64, RowError, column_slow_path, required_column
 
 log = structlog.get_logger("ingest.typed")
@@ -89,7 +90,8 @@ class _Variant:
     """One generated decoder + row loop; ``lenient`` ones accept numbers and flags as strings."""
 
     decoder: msgspec.json.Decoder[Any]
-    build: Callable[[Iterable[Any]], Any]
+    #: (records, converted $parent values) -> (rows, cursor values or None)
+    build: Callable[[Iterable[Any], tuple[Any, ...]], Any]
     lenient: bool
 
 
@@ -121,13 +123,13 @@ def why_not_typed(endpoint: Endpoint) -> str | None:
     table = endpoint.table
     if table.load != "python":
         return "load is server"
-    if endpoint.parent is not None:
-        return "child endpoint"
     records = _plain_steps(endpoint.records_path)
     if records is None:
         return "records_path has an index"
     for column in table.columns.values():
-        if column.path.startswith(PARENT_PREFIX) or not _plain_steps(column.path):
+        if column.path.startswith(PARENT_PREFIX):
+            continue  # read from the parent row, once per page
+        if not _plain_steps(column.path):
             return f"column path {column.path!r}"
     if endpoint.incremental is not None and not _plain_steps(endpoint.incremental.cursor_path):
         return "cursor_path"
@@ -171,14 +173,20 @@ class TypedPages:
         record = _Node()
         required = set(table.primary_key)
         self._slow: dict[int, Callable[[Any], Any]] = {}
+        #: ``$parent.`` columns of a child endpoint: (index, getter on the parent row).
+        self._parent_columns: list[tuple[int, Callable[[Any], Any]]] = []
         for index, (name, column) in enumerate(table.columns.items()):
+            self._slow[index] = column_slow_path(
+                name, CONVERTERS[column.type], required_column(name, column, required)
+            )
+            if column.path.startswith(PARENT_PREFIX):
+                getter = compile_path(column.path.removeprefix(PARENT_PREFIX))
+                self._parent_columns.append((index, getter))
+                continue
             leaf = _insert(record, _plain_steps(column.path) or [], _Leaf)
             leaf.columns.append(index)
             if required_column(name, column, required):
                 _mark_required(record, _plain_steps(column.path) or [])
-            self._slow[index] = column_slow_path(
-                name, CONVERTERS[column.type], required_column(name, column, required)
-            )
         self._cursor_steps: list[str] | None = None
         if endpoint.incremental is not None:
             self._cursor_steps = _plain_steps(endpoint.incremental.cursor_path) or []
@@ -204,7 +212,11 @@ class TypedPages:
 
     # -- decoding ---------------------------------------------------------------------------------
 
-    def __call__(self, body: bytes) -> Any:
+    def for_parent(self, parent: Any) -> Callable[[bytes], Any]:
+        """The parser for one parent's child walk: ``$parent.`` columns read ``parent``."""
+        return lambda body: self(body, parent)
+
+    def __call__(self, body: bytes, parent: Any = None) -> Any:
         """The page's document; raises only what ``orjson.loads`` raises (malformed JSON)."""
         if self._rest:
             self._rest -= 1
@@ -215,14 +227,16 @@ class TypedPages:
             # memchr for a backslash first: most pages have none, and it is ~10x the speed.
             if b"\\" in body and _NUL in body:
                 raise Refused("an escaped NUL")
+            # Converted as the Python path converts them, once per page rather than per record.
+            parents = tuple(self._slow[index](get(parent)) for index, get in self._parent_columns)
             try:
-                document = self._decode(self._current, body)
+                document = self._decode(self._current, body, parents)
             except msgspec.ValidationError as exc:
                 if self._current.lenient or "got `str`" not in str(exc):
                     raise
                 log.info("typed_decode_lenient", endpoint=self.endpoint, reason=str(exc))
                 self._current = self._variant(lenient=True)
-                document = self._decode(self._current, body)
+                document = self._decode(self._current, body, parents)
         except (msgspec.ValidationError, msgspec.DecodeError, RowError, Refused) as exc:
             self._fell_back(exc)
             return orjson.loads(body)
@@ -230,9 +244,9 @@ class TypedPages:
         self.typed_pages += 1
         return document
 
-    def _decode(self, variant: _Variant, body: bytes) -> Any:
+    def _decode(self, variant: _Variant, body: bytes, parents: tuple[Any, ...]) -> Any:
         decoded = variant.decoder.decode(body)
-        rows, cursors = variant.build(self._records_of(decoded))
+        rows, cursors = variant.build(self._records_of(decoded), parents)
         built = BuiltRows(rows)
         built.cursor_values = cursors
         return self._document(decoded, built, self._records_steps)
@@ -325,7 +339,7 @@ class TypedPages:
 
     def _compile(
         self, record: _Node, record_decoder: msgspec.json.Decoder[Any], lenient: bool
-    ) -> Callable[[Iterable[Any]], Any]:
+    ) -> Callable[[Iterable[Any], tuple[Any, ...]], Any]:
         """One loop for the table: attribute reads, a converter call only for plain-JSON leaves.
 
         Only generated names and ``repr`` of integers go into the source.
@@ -384,6 +398,10 @@ class TypedPages:
                         values[index] = f"v{index}"
 
         walk(record, "r", False)
+        unpack = []
+        for position, (index, _) in enumerate(self._parent_columns):
+            values[index] = f"p{position}"
+            unpack.append(f"    p{position} = parents[{position}]")
         row = [values[index] for index in range(len(self._types))]
         if self.store_raw:
             row.append("text")
@@ -391,7 +409,8 @@ class TypedPages:
         indent = " " * 8
         source = "\n".join(
             [
-                "def build(records):",
+                "def build(records, parents):",
+                *unpack,
                 "    rows = []",
                 "    cursors = []" if self._cursor_steps is not None else "    cursors = None",
                 "    append = rows.append",
@@ -412,7 +431,7 @@ class TypedPages:
             ]
         )
         exec(compile(source, f"<typed rows for {self.endpoint}>", "exec"), namespace)
-        built: Callable[[Iterable[Any]], Any] = namespace["build"]
+        built: Callable[[Iterable[Any], tuple[Any, ...]], Any] = namespace["build"]
         return built
 
 

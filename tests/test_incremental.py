@@ -176,6 +176,8 @@ async def test_child_endpoint_walks_every_parent_and_stores_the_parent_key(
     got = await db.fetch("SELECT order_id, total, customer_id FROM orders ORDER BY order_id")
     assert [tuple(row) for row in got] == wanted
     assert result.endpoints["orders"].records == len(wanted)
+    # The child's pages were decoded straight to rows, $parent.id filled in per page.
+    assert result.endpoints["orders"].typed_pages == result.endpoints["orders"].pages - 1
     assert await db.fetchval("SELECT count(*) FROM customers") == 11
     order_paths = {r["path"] for r in app[REQUESTS] if r["path"].endswith("/orders")}
     assert order_paths == {f"/customers/{index}/orders" for index in range(1, 12)}

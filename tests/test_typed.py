@@ -21,6 +21,7 @@ from ingest.typed import (
 )
 from tests.helpers import config_text, make_config, run
 from tests.servers import page_number_app, serve
+from tests.test_incremental import shop_config
 
 COLUMNS = {
     "id": {"path": "id", "type": "bigint"},
@@ -244,6 +245,24 @@ def test_top_level_list_and_cursor_values() -> None:
     assert isinstance(rows, BuiltRows)
     assert rows.cursor_values == ["2026-01-02T00:00:00Z", None]
     assert [row[0] for row in rows] == [1, 2]
+
+
+def test_parent_columns_of_a_child_endpoint() -> None:
+    text = shop_config("http://127.0.0.1:1", child_extra='name = { path = "$parent.name" }')
+    endpoint = parse_config(text, Path("shop.toml"), {}).source.endpoint("orders")
+    assert why_not_typed(endpoint) is None
+    typed = TypedPages(endpoint)
+    builder = RowBuilder(endpoint.table)
+    records = [{"order_id": 1, "total": 2.5}, {"order_id": 2, "total": 3, "extra": True}]
+    body = orjson.dumps({"items": records, "has_more": False})
+    for parent in ({"id": 7, "name": "Ada"}, {"id": 8, "name": None}):
+        items = typed.for_parent(parent)(body)["items"]
+        assert isinstance(items, BuiltRows)
+        assert list(items) == builder.build_many(records, parent)[0]
+    # A parent value the column cannot take: the Python path decides (and dead-letters).
+    bad_parent = {"id": "x", "name": "Ada"}
+    assert not isinstance(typed.for_parent(bad_parent)(body)["items"], BuiltRows)
+    assert len(builder.build_many(records, bad_parent)[1]) == 2
 
 
 def test_endpoints_the_typed_decoder_leaves_alone() -> None:
