@@ -106,16 +106,39 @@ class _Node:
 
 @dataclass
 class _Leaf:
+    """A key whose value the loop reads: as is, or (when anything reads into it) as plain JSON."""
+
     columns: list[int] = field(default_factory=list)
+    #: Columns whose path goes on past this key through a list index (``tags.0``): (column,
+    #: getter for the rest of the path), applied to the plain JSON value in the loop.
+    extractors: list[tuple[int, Callable[[Any], Any]]] = field(default_factory=list)
     cursor: bool = False
+    cursor_rest: Callable[[Any], Any] | None = None
+
+    @property
+    def plain_json(self) -> bool:
+        return self.cursor or bool(self.extractors) or len(self.columns) != 1
 
 
 def _plain_steps(path: str) -> list[str] | None:
     """The keys of a dotted path, or None when a step is an index (not representable here)."""
     steps = [step for step in path.split(".") if step]
-    if any(step.lstrip("-").isdigit() for step in steps):
+    if any(_is_index(step) for step in steps):
         return None
     return steps
+
+
+def _is_index(step: str) -> bool:
+    return step.lstrip("-").isdigit()
+
+
+def _split_path(path: str) -> tuple[list[str], str]:
+    """The plain keys before the first list index, and the rest of the path (from the index)."""
+    steps = [step for step in path.split(".") if step]
+    for position, step in enumerate(steps):
+        if _is_index(step):
+            return steps[:position], ".".join(steps[position:])
+    return steps, ""
 
 
 def why_not_typed(endpoint: Endpoint) -> str | None:
@@ -129,13 +152,13 @@ def why_not_typed(endpoint: Endpoint) -> str | None:
     for column in table.columns.values():
         if column.path.startswith(PARENT_PREFIX):
             continue  # read from the parent row, once per page
-        if not _plain_steps(column.path):
-            return f"column path {column.path!r}"
-    if endpoint.incremental is not None and not _plain_steps(endpoint.incremental.cursor_path):
-        return "cursor_path"
+        if not _split_path(column.path)[0]:
+            return f"column path {column.path!r} starts with a list index"
+    if endpoint.incremental is not None and not _split_path(endpoint.incremental.cursor_path)[0]:
+        return "cursor_path starts with a list index"
     for path in pagination_paths(endpoint):
-        steps = _plain_steps(path)
-        if not steps or steps[: len(records)] == records:
+        keys = _split_path(path)[0]
+        if not keys or keys[: len(records)] == records:
             return f"pagination path {path!r} reads the records"
     return None
 
@@ -183,14 +206,20 @@ class TypedPages:
                 getter = compile_path(column.path.removeprefix(PARENT_PREFIX))
                 self._parent_columns.append((index, getter))
                 continue
-            leaf = _insert(record, _plain_steps(column.path) or [], _Leaf)
+            keys, rest = _split_path(column.path)
+            leaf = _insert(record, keys, _Leaf)
+            if rest:  # the value is read from the plain JSON at ``keys``, like the Python path
+                leaf.extractors.append((index, compile_path(rest)))
+                continue
             leaf.columns.append(index)
             if required_column(name, column, required):
-                _mark_required(record, _plain_steps(column.path) or [])
+                _mark_required(record, keys)
         self._cursor_steps: list[str] | None = None
         if endpoint.incremental is not None:
-            self._cursor_steps = _plain_steps(endpoint.incremental.cursor_path) or []
-            _insert(record, self._cursor_steps, _Leaf).cursor = True
+            self._cursor_steps, rest = _split_path(endpoint.incremental.cursor_path)
+            leaf = _insert(record, self._cursor_steps, _Leaf)
+            leaf.cursor = True
+            leaf.cursor_rest = compile_path(rest) if rest else None
         self._types = [column.type for column in table.columns.values()]
         self._required = [
             required_column(name, column, required) for name, column in table.columns.items()
@@ -199,7 +228,7 @@ class TypedPages:
         self._record = record
         self._envelope_node = _Node()
         for path in pagination_paths(endpoint):
-            _insert(self._envelope_node, _plain_steps(path) or [], _Leaf)
+            _insert(self._envelope_node, _split_path(path)[0], _Leaf)
         self._current = self._variant(lenient=False)
 
     def _variant(self, *, lenient: bool) -> _Variant:
@@ -311,7 +340,7 @@ class TypedPages:
 
     def _leaf_type(self, leaf: _Leaf, lenient: bool) -> tuple[Any, bool]:
         """Native when one column alone reads the leaf and its type has a native decoding."""
-        if leaf.cursor or len(leaf.columns) != 1:
+        if leaf.plain_json:
             return Any, False
         index = leaf.columns[0]
         native = _NATIVE.get(self._types[index])
@@ -367,11 +396,15 @@ class TypedPages:
                     continue
                 if child.cursor:
                     cursor_value = target
-                native = (
-                    not child.cursor
-                    and len(child.columns) == 1
-                    and (self._types[child.columns[0]] in _NATIVE)
-                )
+                    if child.cursor_rest is not None:
+                        namespace["cursor_rest"] = child.cursor_rest
+                        cursor_value = f"cursor_rest({target})"
+                native = not child.plain_json and self._types[child.columns[0]] in _NATIVE
+                for index, rest in child.extractors:
+                    namespace[f"slow{index}"] = self._slow[index]
+                    namespace[f"rest{index}"] = rest
+                    body.append(f"v{index} = slow{index}(rest{index}({target}))")
+                    values[index] = f"v{index}"
                 for index in child.columns:
                     if not native and self._types[index] == "jsonb":
                         # The Python path's _jsonb inline: the page holds no escaped NUL.

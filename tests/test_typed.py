@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from ingest.config import parse_config
+from ingest.paths import MISSING
 from ingest.rows import RowBuilder
 from ingest.typed import (
     FALLBACKS_BEFORE_REST,
@@ -36,6 +37,8 @@ COLUMNS = {
     "plan": {"path": "profile.plan", "type": "text"},
     "seats": {"path": "profile.seats", "type": "integer", "nullable": "false"},
     "deep": {"path": "profile.limits.max", "type": "bigint"},
+    # Through a list index: read from the plain JSON of "tags", as the Python path does.
+    "first_tag": {"path": "tags.0", "type": "text"},
 }
 
 #: Per column: values the Python path converts, and values it rejects or must decide itself.
@@ -88,6 +91,8 @@ def _record(rng: random.Random, clean: bool) -> Any:
     record: dict[str, Any] = {}
     profile: dict[str, Any] = {}
     for name, column in COLUMNS.items():
+        if name == "first_tag":
+            continue  # read from "tags"
         choices = GOOD[name] if clean or rng.random() < 0.8 else ODD[name]
         if rng.random() < 0.1 and name not in {"id", "seats"}:
             continue  # missing
@@ -247,6 +252,38 @@ def test_top_level_list_and_cursor_values() -> None:
     assert [row[0] for row in rows] == [1, 2]
 
 
+def test_cursor_and_columns_through_a_list_index() -> None:
+    text = config_text(
+        "http://127.0.0.1:1",
+        pagination={"style": "next_url", "next_url_path": "links.0.href"},
+        records_path="data",
+        columns={
+            "id": {"path": "id", "type": "bigint"},
+            "first": {"path": "history.0.at", "type": "timestamptz"},
+            "history": {"path": "history", "type": "jsonb"},
+        },
+        store_raw=False,
+    )
+    text += '[endpoints.incremental]\ncursor_path = "history.-1.at"\nparam = "since"\n'
+    endpoint = parse_config(text, Path("typed.toml"), {}).source.endpoints[0]
+    typed = typed_pages_for(endpoint)
+    assert typed is not None
+    records = [
+        {"id": 1, "history": [{"at": "2026-01-01T00:00:00Z"}, {"at": "2026-02-01T00:00:00Z"}]},
+        {"id": 2, "history": []},
+        {"id": 3},
+    ]
+    body = orjson.dumps({"data": records, "links": [{"href": "/next?page=2"}]})
+    document = typed(body)
+    assert document["links"] == [{"href": "/next?page=2"}]  # what the paginator reads
+    rows = document["data"]
+    assert isinstance(rows, BuiltRows)
+    assert list(rows) == RowBuilder(endpoint.table).build_many(records)[0]
+    assert rows.cursor_values is not None
+    assert rows.cursor_values[0] == "2026-02-01T00:00:00Z"
+    assert rows.cursor_values[1:] == [MISSING, MISSING]
+
+
 def test_parent_columns_of_a_child_endpoint() -> None:
     text = shop_config("http://127.0.0.1:1", child_extra='name = { path = "$parent.name" }')
     endpoint = parse_config(text, Path("shop.toml"), {}).source.endpoint("orders")
@@ -270,8 +307,8 @@ def test_endpoints_the_typed_decoder_leaves_alone() -> None:
         return _loaded(False, **options).source.endpoints[0]
 
     assert why_not_typed(endpoint()) is None
-    index_column = {**COLUMNS, "first_tag": {"path": "tags.0", "type": "text"}}
-    assert "tags.0" in (why_not_typed(endpoint(columns=index_column)) or "")
+    index_first = {**COLUMNS, "odd": {"path": "0.id", "type": "text"}}
+    assert "starts with a list index" in (why_not_typed(endpoint(columns=index_first)) or "")
     assert why_not_typed(endpoint(load="server")) == "load is server"
     reads_records = endpoint(
         pagination={"style": "cursor", "cursor_param": "c", "cursor_path": "data.items.-1.id"}

@@ -176,7 +176,7 @@ async def test_validate_notes_pages_that_miss_typed_decoding(
                 base,
                 pagination={"style": "single"},
                 records_path="data",
-                columns={**columns, "first": {"path": "tags.0", "type": "text"}},
+                columns={**columns, "odd": {"path": "0.id", "type": "text"}},
             )
         )
         completed_indexed = await asyncio.to_thread(_cli, indexed, cli_env)
@@ -189,4 +189,7 @@ async def test_validate_notes_pages_that_miss_typed_decoding(
     )
     assert lines[1].startswith(f"ok: {config}: config valid")
     assert completed_indexed.returncode == 0
-    assert "slower Python row path (column path 'tags.0')" in completed_indexed.stdout
+    assert (
+        "slower Python row path (column path '0.id' starts with a list index)"
+        in completed_indexed.stdout
+    )
