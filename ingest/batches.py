@@ -23,7 +23,13 @@ from ingest.paths import compile_path
 from ingest.runstate import EndpointRun, RunOptions, larger
 from ingest.server_load import FALLBACK_ERRORS
 from ingest.source import FetchedPage
-from ingest.state import Checkpoint, save_checkpoint, save_cursor, save_dead_letters
+from ingest.state import (
+    Checkpoint,
+    save_checkpoint,
+    save_cursor,
+    save_dead_letters,
+    save_parent_walk,
+)
 from ingest.typed import BuiltRows
 
 log = structlog.get_logger("ingest.batches")
@@ -194,6 +200,15 @@ class BatchWriter:
             ),
             run_id=state.run_id,
         )
+        started = pages[-1].walk_started
+        if last is None and state.partition is None and started is not None:
+            await save_parent_walk(
+                connection,
+                source=state.source,
+                endpoint=state.endpoint.name,
+                started_at=started,
+                run_id=state.run_id,
+            )
         if last is None and state.partition is None and kind is not None:
             high_water = larger(state.high_water, cursor_max)
             if high_water is not None:

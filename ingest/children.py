@@ -12,6 +12,7 @@ columns the child uses), which is stable and needs no knowledge of the column ty
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 from urllib.parse import quote as quote_url
@@ -22,8 +23,9 @@ import structlog
 from ingest.config import PATH_PLACEHOLDER, Endpoint
 from ingest.errors import SourceError
 from ingest.paginate import make_paginator
-from ingest.sink import quote
+from ingest.sink import LOADED_AT_COLUMN, quote
 from ingest.source import FetchedPage, Fetcher, resume_request, start_request, walk_endpoint
+from ingest.state import load_parent_walk
 from ingest.typed import TypedPages
 
 log = structlog.get_logger("ingest.children")
@@ -56,17 +58,30 @@ class ParentRows:
             f"FROM {quote(table.schema_)}.{quote(table.name)} {where}"
         )
         order = f" ORDER BY {key_text} LIMIT {PARENT_BATCH}"
-        self.first_sql = base + order
-        self.after_sql = base + f" AND ({key_text}) > ({after})" + order
-        self.from_sql = base + f" AND ({key_text}) >= ({after})" + order
+        # (after a key?, inclusive?, since a time?) -> SQL; the time is the last parameter.
+        self._sql: dict[tuple[bool, bool, bool], str] = {}
+        for since in (False, True):
+            loaded = f" AND {quote(LOADED_AT_COLUMN)} >= $" if since else ""
+            first = f"{loaded}1" if since else ""
+            later = f"{loaded}{len(self.keys) + 1}" if since else ""
+            self._sql[False, False, since] = base + first + order
+            self._sql[True, False, since] = base + f" AND ({key_text}) > ({after})" + later + order
+            self._sql[True, True, since] = base + f" AND ({key_text}) >= ({after})" + later + order
 
     async def fetch(
-        self, pool: asyncpg.Pool, key: list[str] | None, *, inclusive: bool
+        self,
+        pool: asyncpg.Pool,
+        key: list[str] | None,
+        *,
+        inclusive: bool,
+        since: dt.datetime | None = None,
     ) -> list[asyncpg.Record]:
-        sql = self.first_sql if key is None else self.from_sql if inclusive else self.after_sql
+        """The next batch of parents after ``key``; only those loaded at/after ``since``."""
+        sql = self._sql[key is not None, key is not None and inclusive, since is not None]
+        arguments = [*(key or ()), *((since,) if since is not None else ())]
         try:
             async with pool.acquire() as connection:
-                return list(await connection.fetch(sql, *(key or ())))
+                return list(await connection.fetch(sql, *arguments))
         except asyncpg.UndefinedTableError:
             raise SourceError(
                 f"endpoint {self.child}: the table of its parent {self.parent} "
@@ -92,6 +107,7 @@ async def walk_children(
     pages_ahead: int = 1,
     credential_params: frozenset[str] = frozenset(),
     typed: TypedPages | None = None,
+    source: str = "",
 ) -> AsyncGenerator[FetchedPage, None]:
     """Yield the pages of every parent's child walk; the last page's checkpoint is ``None``.
 
@@ -99,8 +115,16 @@ async def walk_children(
 
     ``state`` is the checkpoint to resume from: ``{"parent": key, "request": ..., "paginator":
     ...}`` (inside a parent's walk) or ``{"after": key}`` (parents up to ``key`` are done).
+    With ``parents = "changed"`` every checkpoint also holds the walk's ``started`` time and the
+    ``since`` bound it uses, so a resumed walk visits the same set of parents.
     """
     parents = ParentRows(parent, endpoint)
+    started, since = await _changed_window(endpoint, pool, source, state)
+    window = (
+        {"started": started.isoformat(), **({"since": since.isoformat()} if since else {})}
+        if started is not None
+        else {}
+    )
     resume_key: list[str] | None = None
     key: list[str] | None = None
     inclusive = False
@@ -111,7 +135,7 @@ async def walk_children(
         key = list(state["after"])
     number = 0
     while True:
-        rows = await parents.fetch(pool, key, inclusive=inclusive)
+        rows = await parents.fetch(pool, key, inclusive=inclusive, since=since)
         if not rows:
             break
         for row in rows:
@@ -141,7 +165,9 @@ async def walk_children(
                 async for page in pages:
                     number += 1
                     checkpoint = (
-                        {"parent": key, **page.checkpoint} if page.checkpoint else {"after": key}
+                        {"parent": key, **page.checkpoint, **window}
+                        if page.checkpoint
+                        else {"after": key, **window}
                     )
                     yield FetchedPage(
                         number, page.records, checkpoint, parent=values, body=page.body
@@ -149,4 +175,31 @@ async def walk_children(
             finally:
                 await pages.aclose()
         inclusive = False
-    yield FetchedPage(number + 1, [], None)
+    yield FetchedPage(number + 1, [], None, walk_started=started)
+
+
+async def _changed_window(
+    endpoint: Endpoint, pool: asyncpg.Pool, source: str, state: dict[str, Any] | None
+) -> tuple[dt.datetime | None, dt.datetime | None]:
+    """(this walk's start, the lower bound on the parents' load time) for ``parents = "changed"``.
+
+    A fresh walk starts now (the database's clock, the one ``_ingest_loaded_at`` uses) and takes
+    parents loaded since the start of the last complete walk; a resumed walk keeps both from its
+    checkpoint. ``(None, None)``: walk every parent.
+    """
+    if endpoint.parents != "changed":
+        return None, None
+    if state and "started" in state:
+        started = dt.datetime.fromisoformat(state["started"])
+        since = dt.datetime.fromisoformat(state["since"]) if state.get("since") else None
+    else:
+        async with pool.acquire() as connection:
+            started = await connection.fetchval("SELECT now()")
+            since = await load_parent_walk(connection, source, endpoint.name)
+    log.info(
+        "child_walk_parents",
+        endpoint=endpoint.name,
+        loaded_since=since.isoformat() if since else "ever",
+        resumed=bool(state and "started" in state),
+    )
+    return started, since

@@ -225,6 +225,9 @@ class Endpoint(_Frozen):
     pagination: Pagination = SinglePage(style="single")
     incremental: Incremental | None = None
     parent: str | None = None
+    #: For a child endpoint: walk every parent row ("all"), or only those (re)loaded since the
+    #: child's last complete walk started ("changed", by the parent table's _ingest_loaded_at).
+    parents: Literal["all", "changed"] = "all"
     table: Table
     #: Pages fetched ahead at once for page_number/offset styles; ``None``: ``http.pages_ahead``.
     pages_ahead: int | None = Field(default=None, ge=1, le=64)
@@ -236,6 +239,8 @@ class Endpoint(_Frozen):
 
     @model_validator(mode="after")
     def _placeholders(self) -> Endpoint:
+        if self.parent is None and self.parents != "all":
+            raise ValueError('parents = "changed" needs a parent endpoint')
         if self.parent is None:
             if PATH_PLACEHOLDER.search(self.path):
                 raise ValueError(f"path {self.path!r} has placeholders but no parent endpoint")

@@ -287,6 +287,7 @@ class Pipeline:
                 pages_ahead=self.source.pages_ahead(endpoint),
                 credential_params=self.source.credential_params(),
                 typed=state.typed,
+                source=self.source.name,
             )
         paginator = make_paginator(endpoint.pagination)
         first: PageRequest

@@ -15,6 +15,7 @@ the walk below still takes them one by one, in order, so none of the above chang
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Mapping, Sequence
@@ -56,6 +57,9 @@ class FetchedPage:
     parent: Mapping[str, Any] | None = None
     #: The raw page body, kept only for tables with ``load = "server"`` (PostgreSQL unpacks it).
     body: bytes | None = None
+    #: When the walk this page ends started, on the last page of a ``parents = "changed"`` child
+    #: walk: saved with that page's checkpoint, it bounds the next walk's parents.
+    walk_started: dt.datetime | None = None
 
 
 def start_request(base_url: str, endpoint: Endpoint, path: str | None = None) -> PageRequest:

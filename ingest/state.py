@@ -6,6 +6,7 @@ the caller's transaction, so a checkpoint commits with the batch that reached it
 
 from __future__ import annotations
 
+import datetime as dt
 import socket
 import uuid
 from collections.abc import Mapping, Sequence
@@ -187,3 +188,35 @@ async def try_lock_source(connection: Connection, source: str) -> bool:
 
 async def unlock_source(connection: Connection, source: str) -> None:
     await connection.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", lock_key(source))
+
+
+async def load_parent_walk(
+    connection: Connection, source: str, endpoint: str
+) -> dt.datetime | None:
+    """When the child endpoint's last complete walk started (``parents = "changed"``)."""
+    value: dt.datetime | None = await connection.fetchval(
+        "SELECT started_at FROM ingest.parent_walks WHERE source = $1 AND endpoint = $2",
+        source,
+        endpoint,
+    )
+    return value
+
+
+async def save_parent_walk(
+    connection: Connection,
+    *,
+    source: str,
+    endpoint: str,
+    started_at: dt.datetime,
+    run_id: uuid.UUID,
+) -> None:
+    """Record a complete walk's start, in the transaction of its last batch."""
+    await connection.execute(
+        "INSERT INTO ingest.parent_walks (source, endpoint, started_at, run_id, updated_at) "
+        "VALUES ($1, $2, $3, $4, now()) ON CONFLICT (source, endpoint) DO UPDATE SET "
+        "started_at = EXCLUDED.started_at, run_id = EXCLUDED.run_id, updated_at = now()",
+        source,
+        endpoint,
+        started_at,
+        run_id,
+    )
