@@ -126,6 +126,7 @@ class Pipeline:
                 command=self.options.command,
                 source=self.source.name,
                 config_hash=self.loaded.config_hash,
+                endpoints=self.options.endpoints,
             )
         structlog.contextvars.bind_contextvars(run_id=str(self.run_id), source=self.source.name)
         try:
@@ -142,8 +143,10 @@ class Pipeline:
 
     async def _finish(self, status: str, error: str | None) -> None:
         async with self.pool.acquire() as connection:
+            # A limited run that failed before its endpoints started still names them.
+            endpoints = self._stats_dicts() or {name: {} for name in self.options.endpoints}
             await finish_run(
-                connection, self.run_id, status=status, endpoints=self._stats_dicts(), error=error
+                connection, self.run_id, status=status, endpoints=endpoints, error=error
             )
 
     async def run_partition(self, endpoint: Endpoint, partition: Partition) -> EndpointStats:

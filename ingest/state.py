@@ -141,17 +141,25 @@ async def save_dead_letters(
 
 
 async def start_run(
-    connection: Connection, *, command: str, source: str, config_hash: str
+    connection: Connection,
+    *,
+    command: str,
+    source: str,
+    config_hash: str,
+    endpoints: Sequence[str] = (),
 ) -> uuid.UUID:
+    """Record a run as started. ``endpoints``: the ones a limited run (``--endpoint``) covers,
+    so ``ingest status`` shows it in progress for those only; empty: the whole source."""
     run_id = uuid.uuid4()
     await connection.execute(
-        "INSERT INTO ingest.runs (run_id, command, source, config_hash, host) "
-        "VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO ingest.runs (run_id, command, source, config_hash, host, endpoints) "
+        "VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
         run_id,
         command,
         source,
         config_hash,
         socket.gethostname(),
+        orjson.dumps({name: {} for name in endpoints}).decode(),
     )
     return run_id
 

@@ -200,7 +200,8 @@ async def _last_runs(
     """Per endpoint, the newest run whose stats name it, or that ran the whole source.
 
     A run in progress (or one that failed before any endpoint started) has no per-endpoint stats
-    yet; it counts for every endpoint of the source.
+    yet: it counts for the endpoints it was limited to (``--endpoint``, recorded at its start
+    with empty stats), or for every endpoint of the source.
     """
     rows = await connection.fetch(
         "SELECT DISTINCT ON (e.name) e.name, r.run_id, r.command, r.host, r.started_at, "

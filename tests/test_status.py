@@ -13,11 +13,12 @@ import asyncpg
 import orjson
 import pytest
 
+from ingest.config import LoadedConfig, parse_config
 from ingest.errors import SourceError
 from ingest.state import Checkpoint, save_checkpoint
 from ingest.status import collect_status, render_status
 from tests.conftest import PYTHON
-from tests.gated import RELEASE, gated_app, gated_config, wait_committed
+from tests.gated import HOLDING, RELEASE, gated_app, gated_config, wait_committed
 from tests.helpers import config_text, make_config, run
 from tests.servers import serve
 
@@ -235,3 +236,39 @@ async def test_lag_is_now_minus_a_time_cursor(database: str, db: Connection) -> 
     assert endpoint.checkpoint.lag_seconds is not None
     assert 3600 <= endpoint.checkpoint.lag_seconds < 3700
     assert " 1h00m " in render_status(report)
+
+
+def _two_endpoints(base: str) -> str:
+    """Endpoints ``a`` and ``b`` of one source, both reading the gated app's ``/items``."""
+    text = config_text(base, endpoint="a", table="a", **gated_config())
+    second = text.split("[[endpoints]]", 1)[1]
+    second = second.replace('name = "a"', 'name = "b"', 2)
+    return text + "[[endpoints]]" + second
+
+
+async def test_a_limited_run_in_progress_shows_running_for_its_endpoints_only(
+    database: str, db: Connection, tmp_path: Path
+) -> None:
+    async with serve(gated_app(50)) as base:
+        loaded = make_config_text(_two_endpoints(base), tmp_path)
+        first = await run(loaded, database)
+    app = gated_app(50, hold_at=3)
+    async with serve(app) as base:
+        loaded = make_config_text(_two_endpoints(base), tmp_path)
+        limited = asyncio.create_task(run(loaded, database, endpoints=("b",)))
+        try:
+            async with asyncio.timeout(30):
+                await app[HOLDING].wait()
+            report = await collect_status(db, loaded)
+        finally:
+            app[RELEASE].set()
+        second = await limited
+    by_name = {item.endpoint: item.last_run for item in report.sources[0].endpoints}
+    assert by_name["a"] is not None and by_name["a"].result == "succeeded"
+    assert by_name["a"].run_id == str(first.run_id)
+    assert by_name["b"] is not None and by_name["b"].result == "running"
+    assert by_name["b"].run_id == str(second.run_id)
+
+
+def make_config_text(text: str, tmp_path: Path) -> LoadedConfig:
+    return parse_config(text, tmp_path / "two.toml", {})
