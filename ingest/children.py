@@ -108,6 +108,7 @@ async def walk_children(
     credential_params: frozenset[str] = frozenset(),
     typed: TypedPages | None = None,
     source: str = "",
+    only_changed: bool = False,
 ) -> AsyncGenerator[FetchedPage, None]:
     """Yield the pages of every parent's child walk; the last page's checkpoint is ``None``.
 
@@ -115,11 +116,14 @@ async def walk_children(
 
     ``state`` is the checkpoint to resume from: ``{"parent": key, "request": ..., "paginator":
     ...}`` (inside a parent's walk) or ``{"after": key}`` (parents up to ``key`` are done).
-    With ``parents = "changed"`` every checkpoint also holds the walk's ``started`` time and the
-    ``since`` bound it uses, so a resumed walk visits the same set of parents.
+    With ``only_changed`` (``parents = "changed"``, outside backfills) every checkpoint also holds
+    the walk's ``started`` time and the ``since`` bound it uses, so a resumed walk visits the same
+    set of parents.
     """
     parents = ParentRows(parent, endpoint)
-    started, since = await _changed_window(endpoint, pool, source, state)
+    started, since = (
+        await _changed_window(endpoint, pool, source, state) if only_changed else (None, None)
+    )
     window = (
         {"started": started.isoformat(), **({"since": since.isoformat()} if since else {})}
         if started is not None
@@ -185,10 +189,8 @@ async def _changed_window(
 
     A fresh walk starts now (the database's clock, the one ``_ingest_loaded_at`` uses) and takes
     parents loaded since the start of the last complete walk; a resumed walk keeps both from its
-    checkpoint. ``(None, None)``: walk every parent.
+    checkpoint.
     """
-    if endpoint.parents != "changed":
-        return None, None
     if state and "started" in state:
         started = dt.datetime.fromisoformat(state["started"])
         since = dt.datetime.fromisoformat(state["since"]) if state.get("since") else None

@@ -291,6 +291,8 @@ class Pipeline:
                 credential_params=self.source.credential_params(),
                 typed=state.typed,
                 source=self.source.name,
+                # A backfill window is history: every parent's, whatever changed lately.
+                only_changed=endpoint.parents == "changed" and state.partition is None,
             )
         paginator = make_paginator(endpoint.pagination)
         first: PageRequest

@@ -13,6 +13,11 @@ from aiohttp import web
 
 from ingest.config import parse_config
 from ingest.errors import ConfigError, InterruptedRun
+from ingest.events import NullObserver
+from ingest.pipeline import Pipeline
+from ingest.runner import connected
+from ingest.runstate import Partition
+from ingest.secrets import Redactor
 from tests.helpers import run
 from tests.processes import wait_until
 from tests.resume_servers import customer_orders
@@ -191,3 +196,26 @@ def test_parents_changed_needs_a_parent() -> None:
     )
     with pytest.raises(ConfigError, match='parents = "changed" needs a parent endpoint'):
         parse_config(text, Path("shop.toml"))
+
+
+async def test_a_backfill_window_of_the_child_walks_every_parent(
+    database: str, db: Connection
+) -> None:
+    """History is history: a partition of a parents = "changed" child ignores the bound."""
+    app = versioned_customers_app(6)
+    async with serve(app) as base:
+        loaded = parse_config(config(base), Path("shop.toml"))
+        await run(loaded, database)
+        await run(loaded, database)
+        assert _customers_asked(app) == set(range(1, 7))  # first walk: all; second: 6 only
+        app[REQUESTS].clear()
+        async with connected(
+            loaded, database, Redactor(), pool_size=4, observer=NullObserver()
+        ) as (pool, http):
+            pipeline = Pipeline(loaded, pool, http)
+            async with pipeline.recorded():
+                stats = await pipeline.run_partition(
+                    loaded.source.endpoint("orders"), Partition("2026-01", {"month": "1"})
+                )
+    assert _customers_asked(app) == set(range(1, 7))
+    assert stats.records == len(_all_orders(6))
