@@ -7,13 +7,16 @@ in C, unknown keys skipped without building anything) and one generated loop tur
 into row tuples.
 
 Exactly the Python path's rows, or nothing: the structs only accept values whose conversion is
-unambiguous (a JSON string for text, an integer in range for bigint, an RFC 3339 timestamp with
-an offset for timestamptz, ...). A page with anything else (a number sent as a string, a missing
-required value, a record that is not an object, an escaped NUL) is parsed with ``orjson`` as
-before and converted by :class:`ingest.rows.RowBuilder`, dead letters included. So this module
-changes how fast a page is converted, never what is written. numeric and jsonb values (and the
-cursor field of an incremental endpoint) are decoded as plain JSON and go through the same
-converters as the Python path.
+unambiguous (a JSON string for text, an integer in range for bigint, a boolean for boolean, ...);
+timestamps are taken as strings and parsed by the same ``fromisoformat``; numbers and flags sent
+as strings switch the endpoint to a lenient variant that hands each string to the Python path's
+converter. A page with anything else (``1.0`` for an integer, a missing required value, a record
+that is not an object, an escaped NUL) is parsed with ``orjson`` as before and converted by
+:class:`ingest.rows.RowBuilder`, dead letters included. So this module changes how fast a page
+is converted, never what is written. numeric and jsonb values, the cursor field of an
+incremental endpoint and the value before a list index (``tags`` of ``tags.0``) are decoded as
+plain JSON and go through the same converters and path getters as the Python path; a child
+endpoint's ``$parent.`` values are converted once per page.
 
 The one visible difference: with ``store_raw`` the raw column holds the record's JSON text as the
 server sent it instead of orjson's re-encoding; as jsonb the two are equal (jsonb normalises
