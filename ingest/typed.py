@@ -161,7 +161,8 @@ def why_not_typed(endpoint: Endpoint) -> str | None:
         return "cursor_path starts with a list index"
     for path in pagination_paths(endpoint):
         keys = _split_path(path)[0]
-        if not keys or keys[: len(records)] == records:
+        # Into the records, or the object holding them: the paginator needs the records as JSON.
+        if not keys or keys[: len(records)] == records or records[: len(keys)] == keys:
             return f"pagination path {path!r} reads the records"
     return None
 

@@ -314,6 +314,8 @@ def test_endpoints_the_typed_decoder_leaves_alone() -> None:
         pagination={"style": "cursor", "cursor_param": "c", "cursor_path": "data.items.-1.id"}
     )
     assert "reads the records" in (why_not_typed(reads_records) or "")
+    holder = endpoint(pagination={"style": "page_number", "has_more_path": "data"})
+    assert "reads the records" in (why_not_typed(holder) or "")
     overlapping = {**COLUMNS, "profile": {"path": "profile", "type": "jsonb"}}
     assert typed_pages_for(endpoint(columns=overlapping)) is None
     assert typed_pages_for(endpoint(), enabled=False) is None
