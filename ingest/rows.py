@@ -315,12 +315,7 @@ def _compile_build_many(
             # fromisoformat is the whole cost; on any doubt the slow path decides (and strips).
             body += [
                 f"if type({value}) is str:",
-                "    try:",
-                f"        {value} = fromisoformat({value})",
-                "    except ValueError:",
-                f"        {value} = slow{index}({value})",
-                "    else:",
-                f"        if {value}.tzinfo is None: {value} = {value}.replace(tzinfo=UTC)",
+                *("    " + line for line in parse_timestamp_lines(value, f"slow{index}")),
                 f"else: {value} = slow{index}({value})",
             ]
             continue
@@ -366,6 +361,21 @@ def _compile_build_many(
     exec(compile(source, f"<rows for {table.name}>", "exec"), namespace)
     built: BuildMany = namespace["build_many"]
     return built
+
+
+def parse_timestamp_lines(value: str, slow: str) -> list[str]:
+    """Generated code: ``value = fromisoformat(value)`` (a string), a naive result taken as UTC,
+    exactly as :func:`_timestamptz` converts; on a ValueError, ``slow(value)`` decides (it
+    strips and retries, or raises the column's RowError). Needs ``fromisoformat`` and ``UTC``
+    in the generated code's namespace."""
+    return [
+        "try:",
+        f"    {value} = fromisoformat({value})",
+        "except ValueError:",
+        f"    {value} = {slow}({value})",
+        "else:",
+        f"    if {value}.tzinfo is None: {value} = {value}.replace(tzinfo=UTC)",
+    ]
 
 
 def required_column(name: str, column: Column, primary_key: set[str]) -> bool:

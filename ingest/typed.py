@@ -39,7 +39,15 @@ import structlog
 
 from ingest.config import PARENT_PREFIX, Endpoint
 from ingest.paths import compile_path
-from ingest.rows import CONVERTERS, INT32, INT64, RowError, column_slow_path, required_column
+from ingest.rows import (
+    CONVERTERS,
+    INT32,
+    INT64,
+    RowError,
+    column_slow_path,
+    parse_timestamp_lines,
+    required_column,
+)
 
 log = structlog.get_logger("ingest.typed")
 
@@ -487,14 +495,7 @@ def _insert(node: _Node, steps: list[str], kind: type[_Leaf]) -> _Leaf:
 
 def _timestamp_lines(value: str, index: int, required: bool) -> list[str]:
     """``value = fromisoformat(value)`` as the Python path does it; on any doubt its slow path."""
-    lines = [
-        "try:",
-        f"    {value} = fromisoformat({value})",
-        "except ValueError:",
-        f"    {value} = slow{index}({value})",
-        "else:",
-        f"    if {value}.tzinfo is None: {value} = {value}.replace(tzinfo=UTC)",
-    ]
+    lines = parse_timestamp_lines(value, f"slow{index}")
     if required:
         return lines
     return [f"if {value} is not None:", *("    " + line for line in lines)]
