@@ -29,6 +29,7 @@ names, decoded as plain JSON, with the records replaced by :class:`BuiltRows`.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -324,12 +325,12 @@ class TypedPages:
         if not steps:
             return built
         document: dict[str, Any] = {}
-        for spec in msgspec.structs.fields(decoded):
-            value = getattr(decoded, spec.name)
-            if spec.name == "records":
-                document[spec.encode_name] = self._document(value, built, steps[1:])
+        for name, key in _field_keys(decoded.__class__):
+            value = getattr(decoded, name)
+            if name == "records":
+                document[key] = self._document(value, built, steps[1:])
             elif value is not _ABSENT:
-                document[spec.encode_name] = value
+                document[key] = value
         return document
 
     # -- generated types and loop ---------------------------------------------------------------
@@ -491,6 +492,13 @@ def _insert(node: _Node, steps: list[str], kind: type[_Leaf]) -> _Leaf:
     if isinstance(leaf, _Node):
         raise ValueError(f"path step {steps[-1]!r} is both a value and an object")
     return leaf
+
+
+@functools.cache
+def _field_keys(struct: type) -> tuple[tuple[str, str], ...]:
+    """(attribute, JSON key) of a generated page struct; looked up once per type, not per page
+    (``msgspec.structs.fields`` re-reads the class annotations on every call)."""
+    return tuple((spec.name, spec.encode_name) for spec in msgspec.structs.fields(struct))
 
 
 def _timestamp_lines(value: str, index: int, required: bool) -> list[str]:
