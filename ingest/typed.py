@@ -29,7 +29,6 @@ names, decoded as plain JSON, with the records replaced by :class:`BuiltRows`.
 from __future__ import annotations
 
 import datetime as dt
-import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -204,6 +203,8 @@ class TypedPages:
         self.last_reason: str | None = None
         self._fallbacks_in_a_row = 0
         self._rest = 0
+        #: Generated page struct -> its (attribute, JSON key) pairs, for the paginator's document.
+        self._field_keys: dict[type, tuple[tuple[str, str], ...]] = {}
         self._records_steps = _plain_steps(endpoint.records_path) or []
         table = endpoint.table
         record = _Node()
@@ -325,7 +326,13 @@ class TypedPages:
         if not steps:
             return built
         document: dict[str, Any] = {}
-        for name, key in _field_keys(decoded.__class__):
+        struct = decoded.__class__
+        keys = self._field_keys.get(struct)
+        if keys is None:  # msgspec.structs.fields re-reads the annotations: once per type
+            keys = self._field_keys[struct] = tuple(
+                (spec.name, spec.encode_name) for spec in msgspec.structs.fields(struct)
+            )
+        for name, key in keys:
             value = getattr(decoded, name)
             if name == "records":
                 document[key] = self._document(value, built, steps[1:])
@@ -492,13 +499,6 @@ def _insert(node: _Node, steps: list[str], kind: type[_Leaf]) -> _Leaf:
     if isinstance(leaf, _Node):
         raise ValueError(f"path step {steps[-1]!r} is both a value and an object")
     return leaf
-
-
-@functools.cache
-def _field_keys(struct: type) -> tuple[tuple[str, str], ...]:
-    """(attribute, JSON key) of a generated page struct; looked up once per type, not per page
-    (``msgspec.structs.fields`` re-reads the class annotations on every call)."""
-    return tuple((spec.name, spec.encode_name) for spec in msgspec.structs.fields(struct))
 
 
 def _timestamp_lines(value: str, index: int, required: bool) -> list[str]:
