@@ -23,22 +23,13 @@ from ingest.typed import (
 from tests.helpers import config_text, make_config, run
 from tests.servers import page_number_app, serve
 from tests.test_incremental import shop_config
+from tests.test_rows_compiled import COLUMNS as COMPILED_COLUMNS
 
-COLUMNS = {
-    "id": {"path": "id", "type": "bigint"},
-    "name": {"path": "name", "type": "text"},
-    "small": {"path": "small", "type": "integer"},
-    "score": {"path": "score", "type": "double"},
-    "price": {"path": "price", "type": "numeric"},
-    "flag": {"path": "flag", "type": "boolean"},
-    "at": {"path": "at", "type": "timestamptz"},
-    "day": {"path": "day", "type": "date"},
-    "tags": {"path": "tags", "type": "jsonb"},
-    "plan": {"path": "profile.plan", "type": "text"},
-    "seats": {"path": "profile.seats", "type": "integer", "nullable": "false"},
+#: The compiled-loop test's table (every type, a nested path, a required column, ``tags.0``
+#: through a list index) plus a second nesting level.
+COLUMNS: dict[str, dict[str, Any]] = {
+    **COMPILED_COLUMNS,
     "deep": {"path": "profile.limits.max", "type": "bigint"},
-    # Through a list index: read from the plain JSON of "tags", as the Python path does.
-    "first_tag": {"path": "tags.0", "type": "text"},
 }
 
 #: Per column: values the Python path converts, and values it rejects or must decide itself.
