@@ -22,6 +22,7 @@ from tests.helpers import run
 from tests.processes import wait_until
 from tests.resume_servers import customer_orders
 from tests.servers import REQUESTS, _app, json_response, serve
+from tests.test_incremental import shop_config
 
 Connection = asyncpg.Connection
 VERSIONS: web.AppKey[dict[int, int]] = web.AppKey("versions", dict)
@@ -55,46 +56,31 @@ def versioned_customers_app(customers: int, *, latency: float = 0.0) -> web.Appl
     return app
 
 
-def config(base_url: str, *, parents: str = "changed", batch_size: int = 10) -> str:
-    return f"""
-[source]
-name = "shop"
-base_url = "{base_url}"
-[pipeline]
-batch_size = {batch_size}
-batch_seconds = 0.2
-consumers = 1
-[[endpoints]]
-name = "customers"
-path = "/customers"
-records_path = "items"
-pagination = {{ style = "page_number", has_more_path = "has_more" }}
-[endpoints.incremental]
+INCREMENTAL_CUSTOMERS = """[endpoints.incremental]
 cursor_path = "updated"
 param = "since"
 format = "integer"
-[endpoints.table]
-name = "customers"
-primary_key = ["id"]
-[endpoints.table.columns]
-id = {{ path = "id", type = "bigint" }}
-name = {{ path = "name" }}
-updated = {{ path = "updated", type = "bigint" }}
-[[endpoints]]
-name = "orders"
-parent = "customers"
-parents = "{parents}"
-path = "/customers/{{id}}/orders"
-records_path = "items"
-pagination = {{ style = "page_number", has_more_path = "has_more" }}
-[endpoints.table]
-name = "orders"
-primary_key = ["order_id"]
-[endpoints.table.columns]
-order_id = {{ path = "order_id", type = "bigint" }}
-total = {{ path = "total", type = "double" }}
-customer_id = {{ path = "$parent.id", type = "bigint" }}
 """
+
+
+def config(base_url: str, *, parents: str = "changed", batch_size: int = 10) -> str:
+    """test_incremental's shop, its customers incremental on ``updated``, ``parents`` set."""
+    text = shop_config(base_url)
+    for old, new in (
+        ("batch_size = 10", f"batch_size = {batch_size}\nconsumers = 1"),
+        (
+            '[endpoints.table]\nname = "customers"',
+            INCREMENTAL_CUSTOMERS + '[endpoints.table]\nname = "customers"',
+        ),
+        (
+            'name = { path = "name" }',
+            'name = { path = "name" }\nupdated = { path = "updated", type = "bigint" }',
+        ),
+        ('parent = "customers"', f'parent = "customers"\nparents = "{parents}"'),
+    ):
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    return text
 
 
 def _customers_asked(app: web.Application) -> set[int]:
