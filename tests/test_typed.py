@@ -222,21 +222,28 @@ def test_document_keeps_absent_keys_absent() -> None:
     assert isinstance(null_meta["data"]["items"], BuiltRows)
 
 
-def test_top_level_list_and_cursor_values() -> None:
-    text = config_text(
-        "http://127.0.0.1:1",
-        pagination={"style": "link_header"},
-        records_path="",
-        columns={
-            "id": {"path": "id", "type": "bigint"},
-            "at": {"path": "updated_at", "type": "timestamptz"},
-        },
-        store_raw=False,
-    )
-    text += '[endpoints.incremental]\ncursor_path = "updated_at"\nparam = "since"\n'
+def _incremental(
+    cursor_path: str, columns: dict[str, dict[str, str]], **options: Any
+) -> tuple[Any, TypedPages]:
+    """An incremental endpoint on ``cursor_path`` and its typed decoder (which must exist)."""
+    text = config_text("http://127.0.0.1:1", columns=columns, store_raw=False, **options)
+    text += f'[endpoints.incremental]\ncursor_path = "{cursor_path}"\nparam = "since"\n'
     endpoint = parse_config(text, Path("typed.toml"), {}).source.endpoints[0]
     typed = typed_pages_for(endpoint)
     assert typed is not None
+    return endpoint, typed
+
+
+def test_top_level_list_and_cursor_values() -> None:
+    _, typed = _incremental(
+        "updated_at",
+        {
+            "id": {"path": "id", "type": "bigint"},
+            "at": {"path": "updated_at", "type": "timestamptz"},
+        },
+        pagination={"style": "link_header"},
+        records_path="",
+    )
     rows = typed(b'[{"id": 1, "updated_at": "2026-01-02T00:00:00Z"}, {"id": 2}]')
     assert isinstance(rows, BuiltRows)
     assert rows.cursor_values == ["2026-01-02T00:00:00Z", None]
@@ -244,21 +251,16 @@ def test_top_level_list_and_cursor_values() -> None:
 
 
 def test_cursor_and_columns_through_a_list_index() -> None:
-    text = config_text(
-        "http://127.0.0.1:1",
-        pagination={"style": "next_url", "next_url_path": "links.0.href"},
-        records_path="data",
-        columns={
+    endpoint, typed = _incremental(
+        "history.-1.at",
+        {
             "id": {"path": "id", "type": "bigint"},
             "first": {"path": "history.0.at", "type": "timestamptz"},
             "history": {"path": "history", "type": "jsonb"},
         },
-        store_raw=False,
+        pagination={"style": "next_url", "next_url_path": "links.0.href"},
+        records_path="data",
     )
-    text += '[endpoints.incremental]\ncursor_path = "history.-1.at"\nparam = "since"\n'
-    endpoint = parse_config(text, Path("typed.toml"), {}).source.endpoints[0]
-    typed = typed_pages_for(endpoint)
-    assert typed is not None
     records = [
         {"id": 1, "history": [{"at": "2026-01-01T00:00:00Z"}, {"at": "2026-02-01T00:00:00Z"}]},
         {"id": 2, "history": []},
