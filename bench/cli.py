@@ -273,7 +273,11 @@ def main(argv: list[str] | None = None) -> int:
             "repeat": args.repeat,
             "overrides": overrides,
         }
-    report = {"meta": meta, "results": [m.as_dict() for m in results], **targets(results)}
+    report = {
+        "meta": meta,
+        "results": [m.as_dict() for m in results],
+        **targets(results, meta["cpus"]),
+    }
     print(render(meta, results))
     RESULTS.mkdir(exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -21,7 +21,28 @@ def _ratio(top: Measured | None, bottom: Measured | None) -> float | None:
     return round(top.rate / bottom.rate, 3)
 
 
-def targets(results: Sequence[Measured]) -> dict[str, Any]:
+def cpu_bound(run: Measured | None, copy: Measured | None, cpus: int) -> dict[str, float] | None:
+    """The most ``run`` could reach at its measured CPU per record, spread perfectly over ``cpus``.
+
+    Ingest's and PostgreSQL's CPU per record are both measured; with every core busy all the
+    time and nothing else running (the HTTP server's CPU is not counted), records/s can be at
+    most ``cpus / (ingest CPU + PostgreSQL CPU per record)``. It is an optimistic bound: when it
+    is below a target, no scheduling of the same work (more processes, more connections) can
+    reach that target on this machine; only less CPU per record can.
+    """
+    if run is None or run.pg_cpu is None or not run.records:
+        return None
+    per_record = (run.cpu + run.pg_cpu) / run.records
+    if per_record <= 0:
+        return None
+    rate = cpus / per_record
+    bound = {"records_per_s": round(rate), "core_s_per_million": round(per_record * 1e6, 2)}
+    if copy is not None and copy.rate:
+        bound["vs_copy"] = round(rate / copy.rate, 3)
+    return bound
+
+
+def targets(results: Sequence[Measured], cpus: int) -> dict[str, Any]:
     copy = _find(results, "COPY ceiling")
     current = [m for m in results if "@" not in m.name]
     # The default load path; the opt-in ``load = "server"`` rows get ratios of their own.
@@ -53,7 +74,12 @@ def targets(results: Sequence[Measured]) -> dict[str, Any]:
         "ingest >= 20x dlt": _check(ratios["append_vs_dlt"], TARGETS["vs_dlt"]),
         "ingest peak RSS < 150 MB": (max(ingest_rss) < TARGETS["rss_mb"]) if ingest_rss else None,
     }
-    return {"ratios": ratios, "targets": checks}
+    bounds = {
+        name: bound
+        for name, run in (("append", append), ("merge", merge))
+        if (bound := cpu_bound(run, copy, cpus)) is not None
+    }
+    return {"ratios": ratios, "targets": checks, "cpu_bounds": bounds}
 
 
 def _check(value: float | None, floor: float) -> bool | None:
@@ -83,7 +109,7 @@ def render(meta: dict[str, Any], results: Sequence[Measured]) -> str:
             f"{_fmt(m.per_million(m.cpu), '.1f'):>8} {_fmt(m.per_million(m.pg_cpu), '.1f'):>10} "
             f"{m.peak_rss_mb:>11.0f}" + (f"  {m.note}" if m.note else "")
         )
-    summary = targets(results)
+    summary = targets(results, meta["cpus"])
     lines.append("")
     for name, value in summary["ratios"].items():
         lines.append(f"  {name:<26} {_fmt(value, '.3f')}")
@@ -91,4 +117,16 @@ def render(meta: dict[str, Any], results: Sequence[Measured]) -> str:
     for name, ok in summary["targets"].items():
         verdict = "n/a" if ok is None else ("PASS" if ok else "FAIL")
         lines.append(f"  {verdict:<5} {name}")
+    if summary["cpu_bounds"]:
+        lines.append("")
+        lines.append(
+            f"  best case at the measured CPU per record (ingest + PostgreSQL) on {meta['cpus']} "
+            "cores, every core busy, HTTP server not counted:"
+        )
+    for name, bound in summary["cpu_bounds"].items():
+        versus = f" = {bound['vs_copy']:.2f} of COPY" if "vs_copy" in bound else ""
+        lines.append(
+            f"    ingest {name:<6} {bound['core_s_per_million']:>5.1f} core-s per 1M -> "
+            f"at most {bound['records_per_s']:>9,} records/s{versus}"
+        )
     return "\n".join(lines)

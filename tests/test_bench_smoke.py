@@ -7,6 +7,8 @@ from pathlib import Path
 import orjson
 
 from bench.dataset import PAGE_SIZE, ensure_dataset, page_document, record
+from bench.measure import Measured
+from bench.report import cpu_bound, targets
 from bench.target import COLUMNS, ingest_config
 from ingest.config import parse_config
 from ingest.rows import RowBuilder
@@ -38,3 +40,16 @@ def test_ingest_config_converts_every_generated_record() -> None:
         rows, rejected = RowBuilder(table).build_many(page_document(7, 10_000)["data"])
         assert rejected == []
         assert len(rows) == PAGE_SIZE
+
+
+def test_cpu_bound_spreads_the_measured_cpu_over_every_core() -> None:
+    copy = Measured("COPY ceiling, 2 conns", 1_000_000, 1.5, 0.8, 700.0, 1.1)
+    append = Measured("ingest append", 1_000_000, 3.5, 3.4, 89.0, 0.9)
+    # 4.3 core-seconds per 1M records on 2 cores: at most 1M / 2.15 s.
+    assert cpu_bound(append, copy, cpus=2) == {
+        "records_per_s": 465_116,
+        "core_s_per_million": 4.3,
+        "vs_copy": round(465_116 / (1_000_000 / 1.5), 3),
+    }
+    assert cpu_bound(Measured("ingest merge", 0, 1.0, 1.0, 90.0, None), copy, cpus=2) is None
+    assert "cpu_bounds" in targets([copy, append], cpus=2)
