@@ -72,6 +72,10 @@ class EndpointStatus:
     checkpoint: CheckpointStatus | None
     dead_letters: int
     partitions: dict[str, int] = field(default_factory=dict)
+    #: A child endpoint with ``parents = "changed"``: its next walk visits only the parent rows
+    #: loaded at or after this moment (when its last complete walk started). None before the
+    #: first complete walk, and for every other endpoint.
+    parents_changed_since: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +158,7 @@ async def _source_status(
         )
     }
     partitions = await partition_counts(connection, source)
+    walks = await parent_walks(connection, source)
     last_success = await connection.fetchval(
         "SELECT max(finished_at) FROM ingest.runs WHERE source = $1 AND status = 'succeeded'",
         source,
@@ -167,6 +172,7 @@ async def _source_status(
                 checkpoint=checkpoints.get(name),
                 dead_letters=dead.get(name, 0),
                 partitions=partitions.get(name, {}),
+                parents_changed_since=walks.get(name),
             )
             for name in endpoints
         ),
@@ -332,6 +338,19 @@ async def partition_counts(connection: Connection, source: str) -> dict[str, dic
     return counts
 
 
+async def parent_walks(connection: Connection, source: str) -> dict[str, dt.datetime]:
+    """Per child endpoint with ``parents = "changed"``: the start of its last complete walk.
+
+    Before migration 0003 there is no such table and no endpoint has a bound.
+    """
+    if not await connection.fetchval("SELECT to_regclass('ingest.parent_walks') IS NOT NULL"):
+        return {}
+    rows = await connection.fetch(
+        "SELECT endpoint, started_at FROM ingest.parent_walks WHERE source = $1", source
+    )
+    return {row["endpoint"]: row["started_at"] for row in rows}
+
+
 # --- rendering -------------------------------------------------------------------------------
 
 HEADER = (
@@ -348,7 +367,7 @@ HEADER = (
 
 
 def render_status(report: StatusReport) -> str:
-    """One table per source, then one line per failed or abandoned run's error."""
+    """One table per source; below it a line per ``parents = "changed"`` bound and per error."""
     if not report.sources:
         return "no runs recorded yet"
     blocks: list[str] = []
@@ -362,6 +381,12 @@ def render_status(report: StatusReport) -> str:
             for endpoint in source.endpoints
             if endpoint.last_run is not None and endpoint.last_run.error
         }
+        lines += [
+            f"  {endpoint.endpoint}: next walk visits parents loaded since "
+            f"{_when(endpoint.parents_changed_since)}"
+            for endpoint in source.endpoints
+            if endpoint.parents_changed_since is not None
+        ]
         lines += [f"  error: {error}" for error in sorted(errors)]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)

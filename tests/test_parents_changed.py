@@ -18,6 +18,7 @@ from ingest.pipeline import Pipeline
 from ingest.runner import connected
 from ingest.runstate import Partition
 from ingest.secrets import Redactor
+from ingest.status import collect_status, render_status
 from tests.helpers import run
 from tests.processes import wait_until
 from tests.resume_servers import customer_orders
@@ -122,7 +123,15 @@ async def test_second_walk_visits_only_the_parents_the_parent_walk_reloaded(
         await run(loaded, database)
         assert _customers_asked(app) == {3, 7}  # since = 100 now: only those two again
     assert await _orders(db) == _all_orders(11)
-    assert await db.fetchval("SELECT started_at FROM ingest.parent_walks") > first_walk
+    bound = await db.fetchval("SELECT started_at FROM ingest.parent_walks")
+    assert bound > first_walk
+    # `ingest status` shows the bound the next walk will use, for the child only.
+    report = await collect_status(db, loaded)
+    bounds = {e.endpoint: e.parents_changed_since for e in report.sources[0].endpoints}
+    assert bounds == {"customers": None, "orders": bound}
+    assert f"orders: next walk visits parents loaded since {bound:%Y-%m-%d %H:%M:%S}Z" in (
+        render_status(report)
+    )
 
 
 async def test_parents_all_walks_every_parent_every_time(database: str, db: Connection) -> None:
