@@ -14,6 +14,7 @@ Uses a scratch database ``bench_processes`` on that server, dropped at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import tempfile
@@ -40,11 +41,14 @@ def run(dsn: str, processes: int, dataset_root: Path, workdir: Path) -> float:
             commands.append([sys.executable, "-m", "ingest", "run", str(config), "--dsn", dsn])
         started = time.perf_counter()
         logs = [workdir / f"source{index}.log" for index in range(processes)]
-        children = [
-            subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
-            for command, log in zip(commands, logs, strict=True)
-        ]
-        codes = [child.wait() for child in children]
+        with contextlib.ExitStack() as files:
+            children = [
+                subprocess.Popen(
+                    command, stdout=subprocess.DEVNULL, stderr=files.enter_context(log.open("wb"))
+                )
+                for command, log in zip(commands, logs, strict=True)
+            ]
+            codes = [child.wait() for child in children]
         seconds = time.perf_counter() - started
     for code, log in zip(codes, logs, strict=True):
         if code:
