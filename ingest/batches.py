@@ -7,21 +7,34 @@ for its turn at the :class:`~ingest.runstate.CommitGate`, then merges, saves dea
 the partition's lease fence and saves the checkpoint (and the incremental high-water mark at the
 end of a walk) in the same transaction. A database error becomes one line saying nothing of the
 batch was committed.
+
+A batch has two phases, kept apart so that a writer process (:mod:`ingest.offload`) runs the
+same code: the *load* (:func:`convert_pages`, then COPY or stage) may run in parallel with other
+batches; the *commit* (:func:`apply_commit`) runs at the batch's turn, from a
+:class:`CommitPlan` that only the run's own process can make, because it alone knows what the
+batches before this one committed.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import structlog
 
-from ingest.cursor import CursorValue
+from ingest.config import Endpoint
+from ingest.cursor import CursorKind, CursorValue
 from ingest.db import Connection
 from ingest.errors import DeadLetterLimitError, SinkError, one_line
 from ingest.paths import compile_path
-from ingest.runstate import EndpointRun, RunOptions, larger
+from ingest.rows import RowBuilder
+from ingest.runstate import EndpointRun, Fence, RunOptions, larger
 from ingest.server_load import FALLBACK_ERRORS
+from ingest.sink import TableSink
 from ingest.source import FetchedPage
 from ingest.state import (
     Checkpoint,
@@ -33,6 +46,157 @@ from ingest.state import (
 from ingest.typed import BuiltRows
 
 log = structlog.get_logger("ingest.batches")
+
+#: Rows of the good records and (record, reason) of the rest.
+Converted = tuple[list[tuple[Any, ...]], list[tuple[Any, str]]]
+
+
+@dataclass(slots=True)
+class Staged:
+    """What a batch's load phase wrote (COPYed or staged), before its turn to commit."""
+
+    written: int
+    dead_letters: int
+    #: The highest incremental cursor value among the batch's records.
+    batch_max: CursorValue | None
+    #: Pages whose records the typed decoder converted.
+    typed_pages: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchTarget:
+    """Whose batch it is: the run, source, endpoint and partition the statements name."""
+
+    run_id: uuid.UUID
+    source: str
+    endpoint: str
+    partition: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CommitPlan:
+    """What a batch's turn adds to its transaction, decided where the commit order is known."""
+
+    #: Merge the staged rows into the target (merge mode, at least one row).
+    merge: bool
+    checkpoint: Checkpoint
+    #: When the child walk this batch ends started (``parents = "changed"``), else None.
+    walk_started: dt.datetime | None = None
+    #: The incremental high-water mark to save (canonical text), at the end of a walk.
+    high_water: str | None = None
+
+
+def convert_pages(builder: RowBuilder, pages: Sequence[FetchedPage]) -> Converted:
+    """Rows of the good records and (record, reason) of the rest, converted in Python."""
+    rows: list[tuple[Any, ...]] = []
+    rejected: list[tuple[Any, str]] = []
+    for page in pages:
+        if isinstance(page.records, BuiltRows):  # converted by the typed decoder
+            rows.extend(page.records)
+            continue
+        good, bad = builder.build_many(page.records, page.parent)
+        rows.extend(good)
+        rejected.extend(bad)
+    return rows, rejected
+
+
+def batch_cursor(
+    endpoint: Endpoint, kind: CursorKind | None, pages: Sequence[FetchedPage]
+) -> CursorValue | None:
+    """The highest incremental cursor value of the pages' records (None without a cursor)."""
+    incremental = endpoint.incremental
+    if incremental is None or kind is None:
+        return None
+    get = compile_path(incremental.cursor_path)
+    return kind.highest(
+        None,
+        (
+            value
+            for page in pages
+            for value in (
+                page.records.cursor_values or ()
+                if isinstance(page.records, BuiltRows)
+                else map(get, page.records)
+            )
+        ),
+    )
+
+
+def typed_count(pages: Sequence[FetchedPage]) -> int:
+    return sum(isinstance(page.records, BuiltRows) for page in pages)
+
+
+async def load_rows(
+    connection: Connection, sink: TableSink, rows: Sequence[tuple[Any, ...]]
+) -> None:
+    """The load phase's COPY: into the staging table (merge) or the target (append)."""
+    if sink.table.mode == "merge":
+        await sink.stage(connection, rows)
+    else:
+        await sink.write(connection, rows)
+
+
+async def apply_commit(
+    connection: Connection,
+    sink: TableSink,
+    target: BatchTarget,
+    plan: CommitPlan,
+    rejected: Sequence[tuple[Any, str]],
+    *,
+    fence: Fence | None = None,
+) -> None:
+    """The commit phase's statements, in the batch's transaction, at its turn."""
+    if plan.merge:
+        await sink.merge(connection)
+    if rejected:
+        await save_dead_letters(
+            connection,
+            run_id=target.run_id,
+            source=target.source,
+            endpoint=target.endpoint,
+            rejected=rejected,
+        )
+    if fence is not None:
+        await fence(connection, plan.checkpoint.done)
+    await save_checkpoint(
+        connection,
+        source=target.source,
+        endpoint=target.endpoint,
+        partition=target.partition,
+        checkpoint=plan.checkpoint,
+        run_id=target.run_id,
+    )
+    if plan.walk_started is not None:
+        await save_parent_walk(
+            connection,
+            source=target.source,
+            endpoint=target.endpoint,
+            started_at=plan.walk_started,
+            run_id=target.run_id,
+        )
+    if plan.high_water is not None:
+        await save_cursor(
+            connection,
+            source=target.source,
+            endpoint=target.endpoint,
+            value=plan.high_water,
+            run_id=target.run_id,
+        )
+
+
+def sink_error(endpoint: Endpoint, partition: str, written: int, exc: BaseException) -> SinkError:
+    """The one line for a batch the database refused: nothing of it was committed."""
+    where = f" partition {partition}" if partition else ""
+    return SinkError(
+        f"endpoint {endpoint.name}{where}: writing a batch of {written} rows to "
+        f"{endpoint.table.schema_}.{endpoint.table.name} failed "
+        f"({type(exc).__name__}: {one_line(exc)}); nothing of it was committed and "
+        "the last checkpoint holds: rerun to resume"
+    )
+
+
+#: What a failed batch write raises, in this process or in a writer process.
+WRITE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 
 class BatchWriter:
@@ -49,86 +213,93 @@ class BatchWriter:
         rows: list[tuple[Any, ...]] = []
         rejected: list[tuple[Any, str]] = []
         if state.server is None:
-            rows, rejected = self.build_rows(state, pages)
-        written = len(rows)
-        batch_max = self._batch_cursor(state, pages)
-        merge = endpoint.table.mode == "merge"
-        last = pages[-1].checkpoint
+            rows, rejected = convert_pages(state.builder, pages)
+        batch_max = batch_cursor(endpoint, state.cursor, pages)
+        staged = Staged(len(rows), len(rejected), batch_max, typed_count(pages))
+        fence = state.partition.fence if state.partition is not None else None
         try:
             async with self.pool.acquire() as connection, connection.transaction():
                 loaded = None
                 if state.server is not None:
                     loaded = await self._load_on_server(state, connection, pages, sequence)
                 if loaded is not None:
-                    written = loaded
+                    staged.written = loaded
                 else:
                     if state.server is not None:
-                        rows, rejected = self.build_rows(state, pages)
-                        written = len(rows)
-                    if merge:
-                        await state.sink.stage(connection, rows)
-                    else:
-                        await state.sink.write(connection, rows)
+                        rows, rejected = convert_pages(state.builder, pages)
+                        staged.written, staged.dead_letters = len(rows), len(rejected)
+                    await load_rows(connection, state.sink, rows)
                 await state.gate.wait_turn(sequence)
-                if merge and written:
-                    await state.sink.merge(connection)
-                if rejected:
-                    self._count_dead_letters(state, len(rejected))
-                    await save_dead_letters(
-                        connection,
-                        run_id=state.run_id,
-                        source=state.source,
-                        endpoint=endpoint.name,
-                        rejected=rejected,
-                    )
-                if state.partition is not None and state.partition.fence is not None:
-                    await state.partition.fence(connection, last is None)
-                cursor_max = larger(state.cursor_max, batch_max)
-                await self._save_progress(connection, state, pages, written, cursor_max)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-            where = f" partition {state.partition_key}" if state.partition else ""
-            raise SinkError(
-                f"endpoint {endpoint.name}{where}: writing a batch of {written} rows to "
-                f"{endpoint.table.schema_}.{endpoint.table.name} failed "
-                f"({type(exc).__name__}: {one_line(exc)}); nothing of it was committed and "
-                "the last checkpoint holds: rerun to resume"
-            ) from None
+                plan, cursor_max = self.plan(state, pages, staged)
+                target = self.target(state)
+                await apply_commit(connection, state.sink, target, plan, rejected, fence=fence)
+        except WRITE_ERRORS as exc:
+            raise sink_error(endpoint, state.partition_key, staged.written, exc) from None
+        await self.committed(state, sequence, pages, staged, cursor_max)
+
+    @staticmethod
+    def target(state: EndpointRun) -> BatchTarget:
+        return BatchTarget(state.run_id, state.source, state.endpoint.name, state.partition_key)
+
+    def plan(
+        self, state: EndpointRun, pages: Sequence[FetchedPage], staged: Staged
+    ) -> tuple[CommitPlan, CursorValue | None]:
+        """At the batch's turn: the dead-letter limit, then the checkpoint after this batch.
+
+        Returns the plan and the walk's cursor maximum once this batch commits.
+        """
+        if staged.dead_letters:
+            self._count_dead_letters(state, staged.dead_letters)
+        last = pages[-1].checkpoint
+        kind = state.cursor
+        cursor_max = larger(state.cursor_max, staged.batch_max)
+        checkpoint = Checkpoint(
+            state=last,
+            done=last is None,
+            records=state.base_records + state.stats.records + staged.written,
+            pages=state.base_pages + state.stats.pages + len(pages),
+            cursor_max=kind.dump(cursor_max) if kind and cursor_max is not None else None,
+        )
+        walk_end = last is None and state.partition is None
+        high_water = larger(state.high_water, cursor_max) if walk_end and kind else None
+        plan = CommitPlan(
+            merge=state.endpoint.table.mode == "merge" and staged.written > 0,
+            checkpoint=checkpoint,
+            walk_started=pages[-1].walk_started if walk_end else None,
+            high_water=kind.dump(high_water) if kind and high_water is not None else None,
+        )
+        return plan, cursor_max
+
+    async def committed(
+        self,
+        state: EndpointRun,
+        sequence: int,
+        pages: Sequence[FetchedPage],
+        staged: Staged,
+        cursor_max: CursorValue | None,
+    ) -> None:
+        """Count a committed batch and let the next one commit."""
+        endpoint = state.endpoint
         state.cursor_max = cursor_max
         stats = state.stats
-        stats.records += written
+        stats.records += staged.written
         stats.pages += len(pages)
-        stats.typed_pages += sum(isinstance(page.records, BuiltRows) for page in pages)
-        stats.dead_letters += len(rejected)
+        stats.typed_pages += staged.typed_pages
+        stats.dead_letters += staged.dead_letters
         stats.batches += 1
         self.options.observer.batch_committed(
-            endpoint.name, rows=written, pages=len(pages), dead_letters=len(rejected)
+            endpoint.name, rows=staged.written, pages=len(pages), dead_letters=staged.dead_letters
         )
         log.debug(
             "batch_committed",
             endpoint=endpoint.name,
             partition=state.partition_key,
             sequence=sequence,
-            rows=written,
-            dead_letters=len(rejected),
+            rows=staged.written,
+            dead_letters=staged.dead_letters,
             page=pages[-1].number,
         )
         await state.gate.committed(sequence)
-
-    @staticmethod
-    def build_rows(
-        state: EndpointRun, pages: list[FetchedPage]
-    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, str]]]:
-        """Rows of the good records and (record, reason) of the rest, converted in Python."""
-        rows: list[tuple[Any, ...]] = []
-        rejected: list[tuple[Any, str]] = []
-        for page in pages:
-            if isinstance(page.records, BuiltRows):  # converted by the typed decoder
-                rows.extend(page.records)
-                continue
-            good, bad = state.builder.build_many(page.records, page.parent)
-            rows.extend(good)
-            rejected.extend(bad)
-        return rows, rejected
 
     async def _load_on_server(
         self,
@@ -156,69 +327,6 @@ class BatchWriter:
                 reason=type(exc).__name__,
             )
             return None
-
-    def _batch_cursor(self, state: EndpointRun, pages: list[FetchedPage]) -> CursorValue | None:
-        incremental = state.endpoint.incremental
-        if incremental is None or state.cursor is None:
-            return None
-        get = compile_path(incremental.cursor_path)
-        return state.cursor.highest(
-            None,
-            (
-                value
-                for page in pages
-                for value in (
-                    page.records.cursor_values or ()
-                    if isinstance(page.records, BuiltRows)
-                    else map(get, page.records)
-                )
-            ),
-        )
-
-    async def _save_progress(
-        self,
-        connection: Connection,
-        state: EndpointRun,
-        pages: list[FetchedPage],
-        rows: int,
-        cursor_max: CursorValue | None,
-    ) -> None:
-        """The checkpoint (and, when an incremental walk completes, the high-water mark)."""
-        last = pages[-1].checkpoint
-        kind = state.cursor
-        await save_checkpoint(
-            connection,
-            source=state.source,
-            endpoint=state.endpoint.name,
-            partition=state.partition_key,
-            checkpoint=Checkpoint(
-                state=last,
-                done=last is None,
-                records=state.base_records + state.stats.records + rows,
-                pages=state.base_pages + state.stats.pages + len(pages),
-                cursor_max=kind.dump(cursor_max) if kind and cursor_max is not None else None,
-            ),
-            run_id=state.run_id,
-        )
-        started = pages[-1].walk_started
-        if last is None and state.partition is None and started is not None:
-            await save_parent_walk(
-                connection,
-                source=state.source,
-                endpoint=state.endpoint.name,
-                started_at=started,
-                run_id=state.run_id,
-            )
-        if last is None and state.partition is None and kind is not None:
-            high_water = larger(state.high_water, cursor_max)
-            if high_water is not None:
-                await save_cursor(
-                    connection,
-                    source=state.source,
-                    endpoint=state.endpoint.name,
-                    value=kind.dump(high_water),
-                    run_id=state.run_id,
-                )
 
     def _count_dead_letters(self, state: EndpointRun, count: int) -> None:
         """Enforce ``--max-dead-letters``: over the whole run, or per partition in a backfill."""
