@@ -26,7 +26,7 @@ from ingest.paginate import make_paginator
 from ingest.sink import LOADED_AT_COLUMN, quote
 from ingest.source import FetchedPage, Fetcher, resume_request, start_request, walk_endpoint
 from ingest.state import load_parent_walk
-from ingest.typed import TypedPages
+from ingest.typed import PageParser
 
 log = structlog.get_logger("ingest.children")
 
@@ -106,9 +106,10 @@ async def walk_children(
     redact_url: Any = str,
     pages_ahead: int = 1,
     credential_params: frozenset[str] = frozenset(),
-    typed: TypedPages | None = None,
+    typed: PageParser | None = None,
     source: str = "",
     only_changed: bool = False,
+    keep_body: bool = False,
 ) -> AsyncGenerator[FetchedPage, None]:
     """Yield the pages of every parent's child walk; the last page's checkpoint is ``None``.
 
@@ -164,6 +165,7 @@ async def walk_children(
                 pages_ahead=pages_ahead,
                 credential_params=credential_params,
                 parse=typed.for_parent(values) if typed is not None else None,
+                keep_body=keep_body,
             )
             try:
                 async for page in pages:

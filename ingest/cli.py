@@ -227,6 +227,8 @@ async def _run(args: argparse.Namespace, redactor: Redactor) -> int:
             restart=args.restart,
             max_dead_letters=args.max_dead_letters,
             observer=observer,
+            log_level=args.log_level,
+            log_format=args.log_format,
         )
         result = await run_source(loaded, resolve_dsn(args.dsn), redactor, options)
     print(summary_table(result))

@@ -394,6 +394,9 @@ class PipelineSettings(_Frozen):
     #: Decode pages straight into rows with msgspec where the table allows it (ingest.typed);
     #: false: every page through orjson and the Python row loop (same rows, ~2x the CPU).
     typed_decode: bool = True
+    #: Processes that convert and write batches (ingest.offload), so a run uses more than one
+    #: core; 0: all in the run's own process. Each holds one PostgreSQL connection.
+    writer_processes: int = Field(default=0, ge=0, le=64)
 
 
 class Source(_Frozen):

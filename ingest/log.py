@@ -28,14 +28,20 @@ def _redacting(redactor: Redactor) -> Any:
     return processor
 
 
+def resolved_format(fmt: LogFormat) -> Literal["json", "console"]:
+    """``auto`` decided for this process: JSON unless stdout is a terminal."""
+    if fmt == "auto":
+        return "console" if sys.stdout.isatty() else "json"
+    return fmt
+
+
 def configure_logging(
     redactor: Redactor, *, level: str = "info", fmt: LogFormat = "auto", stream: Any = None
 ) -> None:
     """Configure structlog for this process (the CLI calls it once per command)."""
     output = stream or sys.stderr
-    use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     renderer: Any
-    if use_json:
+    if resolved_format(fmt) == "json":
         renderer = structlog.processors.JSONRenderer(
             serializer=lambda obj, **_: orjson.dumps(obj, default=str).decode()
         )

@@ -40,6 +40,7 @@ from ingest.errors import (
     one_line,
 )
 from ingest.http.messages import PageRequest
+from ingest.offload import WriterPool
 from ingest.paginate import make_paginator
 from ingest.rows import RowBuilder
 from ingest.runstate import (
@@ -59,6 +60,7 @@ from ingest.state import (
     start_run,
     try_lock_source,
     unlock_source,
+    wait_for_commits,
 )
 from ingest.typed import typed_pages_for
 
@@ -78,6 +80,7 @@ class Pipeline:
         *,
         options: RunOptions | None = None,
         redact_url: Callable[[str], str] = str,
+        writers: WriterPool | None = None,
     ) -> None:
         self.loaded = loaded
         self.source = loaded.source
@@ -89,6 +92,8 @@ class Pipeline:
         self.run_id = uuid.uuid4()
         self.stats: dict[str, EndpointStats] = {}
         self.writer = BatchWriter(pool, self.options)
+        #: Writer processes for the batches of scheduled walks (``pipeline.writer_processes``).
+        self.writers = writers
         self._ensured: set[str] = set()
 
     def selected_endpoints(self) -> list[Endpoint]:
@@ -104,6 +109,11 @@ class Pipeline:
                 raise LockedError(
                     f"source {self.source.name} is already being run by another process "
                     "(advisory lock held); try again when it finishes"
+                )
+            if not await wait_for_commits(lock_connection, self.source.name, seconds=60):
+                raise LockedError(
+                    f"source {self.source.name}: a writer process of an earlier run is still "
+                    "committing after 60 s; try again when it finishes"
                 )
             try:
                 async with self.recorded():
@@ -219,6 +229,11 @@ class Pipeline:
             return
         cursor = endpoint.incremental.kind() if endpoint.incremental else None
         sink = TableSink(endpoint.table)
+        # Backfill windows stay in this process: their lease fence runs in the batch transaction.
+        offloaded = (
+            self.writers is not None and endpoint.table.load == "python" and partition is None
+        )
+        typed = typed_pages_for(endpoint, self.settings.typed_decode)
         state = EndpointRun(
             run_id=self.run_id,
             source=self.source.name,
@@ -226,7 +241,7 @@ class Pipeline:
             sink=sink,
             builder=RowBuilder(endpoint.table),
             server=ServerLoad(endpoint, sink) if endpoint.table.load == "server" else None,
-            typed=typed_pages_for(endpoint, self.settings.typed_decode),
+            typed=typed.envelope() if offloaded and typed is not None else typed,
             queue=asyncio.Queue(maxsize=self.settings.queue_size),
             stats=stats,
             base_records=checkpoint.records if resuming and checkpoint else 0,
@@ -234,6 +249,7 @@ class Pipeline:
             partition=partition,
             cursor=cursor,
             high_water=cursor.load(stored_cursor) if cursor and stored_cursor else None,
+            offloaded=offloaded,
         )
         if resuming and checkpoint and cursor and checkpoint.cursor_max:
             state.cursor_max = cursor.load(checkpoint.cursor_max)
@@ -293,6 +309,7 @@ class Pipeline:
                 source=self.source.name,
                 # A backfill window is history: every parent's, whatever changed lately.
                 only_changed=endpoint.parents == "changed" and state.partition is None,
+                keep_body=state.offloaded,
             )
         paginator = make_paginator(endpoint.pagination)
         first: PageRequest
@@ -318,6 +335,7 @@ class Pipeline:
             pages_ahead=self.source.pages_ahead(endpoint),
             credential_params=self.source.credential_params(),
             parse=state.typed,
+            keep_body=state.offloaded,
         )
 
     async def _produce(self, state: EndpointRun, pages: AsyncGenerator[FetchedPage, None]) -> None:
@@ -393,7 +411,10 @@ class Pipeline:
                 sequence, pages = await self._take_batch(state)
             if not pages:
                 return
-            await self.writer.write(state, sequence, pages)
+            if state.offloaded and self.writers is not None:
+                await self.writers.write(self.writer, state, sequence, pages)
+            else:
+                await self.writer.write(state, sequence, pages)
 
 
 _STOPPED = object()

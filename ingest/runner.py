@@ -21,7 +21,9 @@ from ingest.db import open_pool
 from ingest.errors import ConfigError, InterruptedRun
 from ingest.events import RunObserver
 from ingest.http.client import HttpClient
+from ingest.log import resolved_format
 from ingest.migrate import pending
+from ingest.offload import WriterPool, WriterSetup
 from ingest.pipeline import Pipeline
 from ingest.runstate import RunOptions, RunResult
 from ingest.secrets import Redactor
@@ -81,6 +83,27 @@ async def connected(
             yield pool, http
 
 
+@contextlib.asynccontextmanager
+async def writer_pool(
+    loaded: LoadedConfig, dsn: str | None, redactor: Redactor, options: RunOptions
+) -> AsyncIterator[WriterPool | None]:
+    """The run's writer processes (``pipeline.writer_processes``), or None for none."""
+    settings = loaded.source.pipeline
+    if settings.writer_processes == 0:
+        yield None
+        return
+    setup = WriterSetup(
+        dsn=dsn,
+        source=loaded.source.name,
+        redactor=redactor,
+        log_level=options.log_level,
+        log_format=resolved_format(options.log_format),
+        typed_decode=settings.typed_decode,
+    )
+    async with WriterPool(settings.writer_processes, setup) as writers:
+        yield writers
+
+
 async def run_source(
     loaded: LoadedConfig,
     dsn: str | None,
@@ -96,10 +119,18 @@ async def run_source(
         pool,
         http,
     ):
-        pipeline = Pipeline(loaded, pool, http, options=options, redact_url=redactor.url)
         try:
             with stop_on_signals(stop), relaxed_gc():
-                result = await pipeline.run()
+                async with writer_pool(loaded, dsn, redactor, options) as writers:
+                    pipeline = Pipeline(
+                        loaded,
+                        pool,
+                        http,
+                        options=options,
+                        redact_url=redactor.url,
+                        writers=writers,
+                    )
+                    result = await pipeline.run()
         except asyncio.CancelledError:
             raise InterruptedRun(
                 "run cancelled by a second signal; the last committed checkpoint holds: "

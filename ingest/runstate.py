@@ -18,10 +18,11 @@ from ingest.config import Endpoint
 from ingest.cursor import CursorKind, CursorValue
 from ingest.db import Connection
 from ingest.events import NullObserver, RunObserver
+from ingest.log import LogFormat
 from ingest.rows import RowBuilder
 from ingest.server_load import ServerLoad
 from ingest.sink import TableSink
-from ingest.typed import TypedPages
+from ingest.typed import PageParser
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,9 @@ class RunOptions:
     max_dead_letters: int | None = None
     stop: asyncio.Event | None = None
     observer: RunObserver = field(default_factory=NullObserver)
+    #: The run's log settings, for the writer processes it starts (``pipeline.writer_processes``).
+    log_level: str = "info"
+    log_format: LogFormat = "auto"
 
 
 #: Called inside each batch's transaction, after the batch's turn has come and before the
@@ -121,8 +125,9 @@ class EndpointRun:
     sink: TableSink
     builder: RowBuilder
     server: ServerLoad | None
-    #: The endpoint's typed decoder (pages straight to rows), None when it has none.
-    typed: TypedPages | None
+    #: The endpoint's page parser: its typed decoder (pages straight to rows), the envelope-only
+    #: parser when writer processes convert its pages, or None (orjson).
+    typed: PageParser | None
     queue: asyncio.Queue[Any]
     stats: EndpointStats
     base_records: int
@@ -136,6 +141,8 @@ class EndpointRun:
     next_sequence: int = 0
     ended: bool = False
     interrupted: bool = False
+    #: Its batches are converted and written by the run's writer processes (ingest.offload).
+    offloaded: bool = False
 
     @property
     def partition_key(self) -> str:

@@ -22,6 +22,7 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import msgspec
 import orjson
 import structlog
 
@@ -116,10 +117,9 @@ class _RepeatGuard:
         if not records:
             return None
         digest = hashlib.blake2b(digest_size=16)
-        # default=str: rows built by the typed decoder may hold Decimal values.
-        digest.update(orjson.dumps(records[0], option=orjson.OPT_SORT_KEYS, default=str))
+        digest.update(_fingerprint(records[0]))
         digest.update(b"\n")  # not valid inside orjson output: the two parts stay apart
-        digest.update(orjson.dumps(records[-1], option=orjson.OPT_SORT_KEYS, default=str))
+        digest.update(_fingerprint(records[-1]))
         key = (len(records), digest.digest())
         if key in self.seen:
             return self.seen[key]
@@ -127,6 +127,14 @@ class _RepeatGuard:
         if len(self.seen) > LOOP_GUARD_WINDOW:
             self.seen.popitem(last=False)
         return None
+
+
+def _fingerprint(record: Any) -> bytes:
+    """A record as canonical JSON: key order and the page's spelling of it do not count."""
+    if isinstance(record, msgspec.Raw):  # left as JSON text for a writer process to convert
+        record = orjson.loads(bytes(record))
+    # default=str: rows built by the typed decoder may hold Decimal values.
+    return orjson.dumps(record, option=orjson.OPT_SORT_KEYS, default=str)
 
 
 def extract_records(document: Any, records_path: str, endpoint: str, url: str) -> list[Any]:
@@ -168,6 +176,7 @@ async def walk_endpoint(
     pages_ahead: int = 1,
     credential_params: frozenset[str] = frozenset(),
     parse: ParseBody | None = None,
+    keep_body: bool = False,
 ) -> AsyncGenerator[FetchedPage, None]:
     """Yield every page from ``first`` on; the last page's checkpoint is ``None``.
 
@@ -176,10 +185,13 @@ async def walk_endpoint(
 
     ``credential_params`` are dropped from every next request (a server may echo an API key into
     its next links); the HTTP client adds the credential back when sending.
+
+    ``keep_body`` keeps each page's body on the :class:`FetchedPage` (always with ``load =
+    "server"``): for PostgreSQL or a writer process to convert.
     """
     guard = _LoopGuard(endpoint.name)
     repeats = _RepeatGuard()
-    keep_body = endpoint.table.load == "server"
+    keep_body = keep_body or endpoint.table.load == "server"
     request: PageRequest | None = first
     number = 0
     ahead = Prefetcher(

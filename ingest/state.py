@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import orjson
 
 from ingest.db import Connection
@@ -196,6 +197,34 @@ async def try_lock_source(connection: Connection, source: str) -> bool:
 
 async def unlock_source(connection: Connection, source: str) -> None:
     await connection.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", lock_key(source))
+
+
+def commits_key(source: str) -> str:
+    return f"ingest:commits:{source}"
+
+
+async def hold_commits_shared(connection: Connection, source: str) -> None:
+    """Taken first in every writer process's batch transaction (:mod:`ingest.offload`)."""
+    await connection.execute(
+        "SELECT pg_advisory_xact_lock_shared(hashtextextended($1, 0))", commits_key(source)
+    )
+
+
+async def wait_for_commits(connection: Connection, source: str, *, seconds: float) -> bool:
+    """Wait until no writer process of an earlier run is inside a batch transaction.
+
+    A writer told to commit just before its run's process died may still be committing; a new
+    run must not read the checkpoints before that lands. False if ``seconds`` were not enough.
+    """
+    try:
+        async with connection.transaction():
+            await connection.execute(f"SET LOCAL lock_timeout = '{int(seconds * 1000)}ms'")
+            await connection.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", commits_key(source)
+            )
+    except asyncpg.LockNotAvailableError:
+        return False
+    return True
 
 
 async def load_parent_walk(

@@ -31,7 +31,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import msgspec
 import orjson
@@ -90,6 +90,22 @@ class BuiltRows(list[tuple[Any, ...]]):
     """
 
     cursor_values: list[Any] | None = None
+
+
+class RawRecords(list[msgspec.Raw]):
+    """A page's records as the server's JSON text, one item per record, not yet converted.
+
+    What the run's process keeps of a page a writer process converts (:mod:`ingest.offload`):
+    the walk needs only how many records there are and the first and last for its repeat guard.
+    """
+
+
+class PageParser(Protocol):
+    """Turns a page body into its document (an HTTP client's ``parse``), per endpoint."""
+
+    def __call__(self, body: bytes, parent: Any = None) -> Any: ...
+
+    def for_parent(self, parent: Any) -> Callable[[bytes], Any]: ...
 
 
 class Refused(Exception):
@@ -245,6 +261,15 @@ class TypedPages:
             _insert(self._envelope_node, _split_path(path)[0], _Leaf)
         self._current = self._variant(lenient=False)
 
+    def envelope(self) -> EnvelopePages:
+        """A parser that reads only the envelope and leaves the records as raw JSON text.
+
+        For pages a writer process converts: it runs this decoder again on the body, so the run's
+        process does not build rows it would only throw away.
+        """
+        page_type = self._envelope(self._envelope_node, self._records_steps, list[msgspec.Raw])
+        return EnvelopePages(self, msgspec.json.Decoder(page_type))
+
     def _variant(self, *, lenient: bool) -> _Variant:
         record_type = self._struct("Record", self._record, lenient)
         record_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(record_type)
@@ -321,7 +346,7 @@ class TypedPages:
             decoded = decoded.records
         return decoded
 
-    def _document(self, decoded: Any, built: BuiltRows, steps: list[str]) -> Any:
+    def _document(self, decoded: Any, built: list[Any], steps: list[str]) -> Any:
         """The envelope as plain dicts (absent keys left out), records replaced by ``built``."""
         if not steps:
             return built
@@ -486,6 +511,31 @@ class TypedPages:
         exec(compile(source, f"<typed rows for {self.endpoint}>", "exec"), namespace)
         built: Callable[[Iterable[Any], tuple[Any, ...]], Any] = namespace["build"]
         return built
+
+
+class EnvelopePages:
+    """``parse(body)``: the page's document with the records as :class:`RawRecords`.
+
+    Anything the envelope struct does not take (a missing or non-list records key, say) is
+    parsed with orjson instead, exactly as :class:`TypedPages` falls back, so the walk sees the
+    same records and errors; malformed JSON raises what ``orjson.loads`` raises.
+    """
+
+    def __init__(self, typed: TypedPages, decoder: msgspec.json.Decoder[Any]) -> None:
+        self._typed = typed
+        self._decoder = decoder
+
+    def for_parent(self, parent: Any) -> Callable[[bytes], Any]:
+        return self
+
+    def __call__(self, body: bytes, parent: Any = None) -> Any:
+        try:
+            decoded = self._decoder.decode(body)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return orjson.loads(body)
+        typed = self._typed
+        records = RawRecords(typed._records_of(decoded))
+        return typed._document(decoded, records, typed._records_steps)
 
 
 def _insert(node: _Node, steps: list[str], kind: type[_Leaf]) -> _Leaf:

@@ -129,6 +129,7 @@ def events_config(
     batch_size: int = 20,
     consumers: int = 2,
     source: str = "shop",
+    writer_processes: int = 0,
 ) -> str:
     """A source with one ``/events`` endpoint (``changes_app``) into table ``events``."""
     key = 'primary_key = ["id"]' if mode == "merge" else ""
@@ -140,6 +141,7 @@ base_url = "{base_url}"
 batch_size = {batch_size}
 consumers = {consumers}
 batch_seconds = 0.2
+writer_processes = {writer_processes}
 [[endpoints]]
 name = "events"
 path = "/events"

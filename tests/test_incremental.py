@@ -161,12 +161,17 @@ customer_id = {{ path = "$parent.id", type = "bigint" }}
 """
 
 
+@pytest.mark.parametrize("writers", [0, 2])
 async def test_child_endpoint_walks_every_parent_and_stores_the_parent_key(
-    database: str, db: Connection
+    database: str, db: Connection, writers: int
 ) -> None:
+    """Also with writer processes converting the child's pages ($parent values travel along)."""
     app = customers_app(11, 4, page_size=3)
     async with serve(app) as base:
-        loaded = parse_config(shop_config(base), Path("shop.toml"))
+        text = shop_config(base).replace(
+            "batch_size = 10", f"batch_size = 10\nwriter_processes = {writers}"
+        )
+        loaded = parse_config(text, Path("shop.toml"))
         result = await run(loaded, database)
     wanted = sorted(
         (order["order_id"], order["total"], customer)

@@ -19,6 +19,7 @@ import pytest
 
 from ingest.config import parse_config
 from ingest.errors import ExitCode, SinkError
+from ingest.writer_process import APPLICATION_NAME
 from tests.helpers import run
 from tests.processes import Cli, run_cli, spawn, wait_until
 from tests.resume_servers import Valve, changes_app, events_config, timed_records
@@ -41,29 +42,60 @@ def source(records: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     return [(r["id"], r["name"], r["amount"], r["updated_at"]) for r in records]
 
 
+async def writers_connected(db: Connection, since: Any) -> int:
+    """Writer processes (ingest.offload) connected since ``since``."""
+    return int(
+        await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 "
+            "AND backend_start > $2",
+            APPLICATION_NAME,
+            since,
+        )
+    )
+
+
 async def committed(db: Connection) -> int:
     return int(await db.fetchval("SELECT coalesce(max(records), 0) FROM ingest.checkpoints"))
 
 
-@pytest.mark.parametrize(("mode", "seed"), [("append", 20251), ("merge", 20252)])
-async def test_sigkill_at_random_moments_then_resume_loses_and_duplicates_nothing(
-    cli_env: dict[str, str], db: Connection, tmp_path: Path, mode: str, seed: int
+@pytest.mark.parametrize(
+    ("mode", "seed", "writers"),
+    # With writers in append mode only: a duplicate shows there as a second row (merge mode
+    # with writers is killed in each phase below).
+    [("append", 20251, 0), ("merge", 20252, 0), ("append", 20253, 2)],
+)
+async def test_sigkill_at_random_moments_then_resume_loses_and_duplicates_nothing(  # noqa: PLR0917
+    cli_env: dict[str, str], db: Connection, tmp_path: Path, mode: str, seed: int, writers: int
 ) -> None:
+    """With writer processes too: the run's process dies, its writers are left to notice."""
     rng = random.Random(seed)
-    records = timed_records(RECORDS, every=dt.timedelta(minutes=1))
-    app = changes_app(records, latency=0.04)
+    # Each run with writers fetches ahead while they start: a longer walk keeps kills inside it.
+    total = RECORDS * 2 if writers else RECORDS
+    records = timed_records(total, every=dt.timedelta(minutes=1))
+    app = changes_app(records, latency=0.06 if writers else 0.04)
     progress: list[int] = []
     async with serve(app) as base:
         config = tmp_path / "events.toml"
         config.write_text(
-            events_config(base, mode=mode, per_page=10, batch_size=20, incremental=INCREMENTAL)
+            events_config(
+                base,
+                mode=mode,
+                per_page=10,
+                batch_size=20,
+                incremental=INCREMENTAL,
+                writer_processes=writers,
+            )
         )
         while len(progress) < KILLS:
             asked = len(app[REQUESTS])
+            spawned = await db.fetchval("SELECT clock_timestamp()")
             cli = await spawn(["run", str(config)], cli_env, tmp_path, f"run{len(progress)}")
 
-            async def fetching(asked: int = asked, cli: Cli = cli) -> bool:
-                return len(app[REQUESTS]) > asked or cli.process.returncode is not None
+            async def fetching(asked: int = asked, cli: Cli = cli, since: Any = spawned) -> bool:
+                if cli.process.returncode is not None:
+                    return True
+                # Writer processes start an interpreter each before the first batch can commit.
+                return len(app[REQUESTS]) > asked and await writers_connected(db, since) >= writers
 
             await wait_until(fetching, 60, "the run to start fetching")
             await asyncio.sleep(rng.uniform(0.0, 0.5))
@@ -76,7 +108,7 @@ async def test_sigkill_at_random_moments_then_resume_loses_and_duplicates_nothin
     assert await table(db) == source(records)
     # The kills landed all along the walk, not only before the first commit.
     assert progress == sorted(progress)
-    assert len({count for count in progress if 0 < count < RECORDS}) >= 5, progress
+    assert len({count for count in progress if 0 < count < total}) >= 5, progress
     # Ten runs died without a word; the eleventh finished and set the high-water mark.
     statuses = [row["status"] for row in await db.fetch("SELECT status FROM ingest.runs")]
     assert sorted(statuses) == ["running"] * KILLS + ["succeeded"]
@@ -94,9 +126,9 @@ async def blocked_on(db: Connection, table: str, mode: str) -> bool:
     return bool(waiting)
 
 
-@pytest.mark.parametrize("mode", ["append", "merge"])
+@pytest.mark.parametrize(("mode", "writers"), [("append", 0), ("merge", 0), ("merge", 2)])
 async def test_sigkill_in_each_phase_of_a_batch_then_resume_is_exact(
-    cli_env: dict[str, str], db: Connection, tmp_path: Path, mode: str
+    cli_env: dict[str, str], db: Connection, tmp_path: Path, mode: str, writers: int
 ) -> None:
     """Deterministic kills: mid-fetch, mid-COPY (merge: mid-upsert), between COPY and commit.
 
@@ -109,7 +141,9 @@ async def test_sigkill_in_each_phase_of_a_batch_then_resume_is_exact(
     app = changes_app(records, latency=0.01, valve=valve)
     async with serve(app) as base:
         config = tmp_path / "events.toml"
-        config.write_text(events_config(base, mode=mode, per_page=10, batch_size=20))
+        config.write_text(
+            events_config(base, mode=mode, per_page=10, batch_size=20, writer_processes=writers)
+        )
         phases = ["fetch", "copy", "before_commit"]
         for index, phase in enumerate(phases):
             before = await committed(db)
@@ -145,14 +179,16 @@ async def test_sigkill_in_each_phase_of_a_batch_then_resume_is_exact(
     assert await table(db) == source(records)
 
 
+@pytest.mark.parametrize("writers", [0, 1])
 async def test_backend_killed_mid_copy_fails_clearly_and_the_next_run_is_exact(
-    database: str, db: Connection
+    database: str, db: Connection, writers: int
 ) -> None:
     records = timed_records(300, every=dt.timedelta(minutes=1))
     async with serve(changes_app(records, latency=0.02)) as base:
-        loaded = parse_config(
-            events_config(base, mode="append", per_page=10, consumers=1), Path("events.toml")
+        text = events_config(
+            base, mode="append", per_page=10, consumers=1, writer_processes=writers
         )
+        loaded = parse_config(text, Path("events.toml"))
         task = asyncio.create_task(run(loaded, database))
 
         async def some_committed() -> bool:

@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 
 from ingest.errors import ExitCode
 from tests.processes import run_cli, spawn, wait_until
@@ -47,14 +48,15 @@ async def committed_positive(db: Connection) -> bool:
     return await committed(db) > 0
 
 
+@pytest.mark.parametrize("writers", [0, 2])
 async def test_sigterm_commits_the_checkpoint_and_the_rerun_completes_exactly(
-    cli_env: dict[str, str], db: Connection, tmp_path: Path
+    cli_env: dict[str, str], db: Connection, tmp_path: Path, writers: int
 ) -> None:
     records = timed_records(300, every=dt.timedelta(minutes=1))
     app = changes_app(records, latency=0.1)
     async with serve(app) as base:
         config = tmp_path / "shop.toml"
-        config.write_text(events_config(base, per_page=10, mode="append"))
+        config.write_text(events_config(base, per_page=10, mode="append", writer_processes=writers))
         cli = await spawn(["run", str(config)], cli_env, tmp_path, "run")
         await wait_until(lambda: committed_positive(db), what="a committed batch")
         cli.signal(signal.SIGTERM)

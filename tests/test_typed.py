@@ -315,7 +315,8 @@ def test_endpoints_the_typed_decoder_leaves_alone() -> None:
 
 
 async def test_pipeline_writes_the_same_tables_either_way(database: str, db: Any) -> None:
-    """Messy data end to end: typed decoding on and off land identical rows and dead letters."""
+    """Messy data end to end: typed decoding on and off land identical rows and dead letters,
+    and so do writer processes (typed decoding in another process, the envelope in this one)."""
     rng = random.Random(7)
     records = []
     for index in range(1, 401):
@@ -325,7 +326,8 @@ async def test_pipeline_writes_the_same_tables_either_way(database: str, db: Any
             record["id"] = index  # unique keys, so merge keeps every record
         records.append(record)
     async with serve(page_number_app(records, default_size=20)) as base_url:
-        for typed, table in ((True, "typed_on"), (False, "typed_off")):
+        ways = ((True, "typed_on", 0), (False, "typed_off", 0), (True, "typed_writers", 2))
+        for typed, table, writers in ways:
             loaded = make_config(
                 base_url,
                 pagination={"style": "page_number", "page_size_param": "per_page", "page_size": 20},
@@ -333,7 +335,7 @@ async def test_pipeline_writes_the_same_tables_either_way(database: str, db: Any
                 columns=COLUMNS,
                 table=table,
                 endpoint=table,
-                pipeline={"typed_decode": typed},
+                pipeline={"typed_decode": typed, "writer_processes": writers},
             )
             result = await run(loaded, database)
             stats = result.endpoints[table]
@@ -343,12 +345,17 @@ async def test_pipeline_writes_the_same_tables_either_way(database: str, db: Any
             else:
                 assert stats.typed_pages == 0
     columns = ", ".join(f'"{name}"' for name in [*COLUMNS, "_ingest_raw"])
-    on = await db.fetch(f"SELECT {columns} FROM typed_on EXCEPT SELECT {columns} FROM typed_off")
-    off = await db.fetch(f"SELECT {columns} FROM typed_off EXCEPT SELECT {columns} FROM typed_on")
-    assert on == [] and off == []
+    for first, second in (("typed_on", "typed_off"), ("typed_writers", "typed_on")):
+        ahead = f"SELECT {columns} FROM {first} EXCEPT SELECT {columns} FROM {second}"
+        behind = f"SELECT {columns} FROM {second} EXCEPT SELECT {columns} FROM {first}"
+        assert await db.fetch(ahead) == [] and await db.fetch(behind) == []
     count = await db.fetchval("SELECT count(*) FROM typed_on")
     assert 200 < count < 400
+    assert await db.fetchval("SELECT count(*) FROM typed_writers") == count
     dead = await db.fetch(
-        "SELECT endpoint, count(*) AS n FROM ingest.dead_letters GROUP BY endpoint ORDER BY 1"
+        "SELECT endpoint, array_agg(error ORDER BY id) AS errors FROM ingest.dead_letters "
+        "GROUP BY endpoint ORDER BY 1"
     )
-    assert [row["n"] for row in dead] == [400 - count, 400 - count]
+    assert [row["endpoint"] for row in dead] == ["typed_off", "typed_on", "typed_writers"]
+    assert [len(row["errors"]) for row in dead] == [400 - count] * 3
+    assert dead[0]["errors"] == dead[1]["errors"] == dead[2]["errors"]

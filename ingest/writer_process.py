@@ -1,0 +1,187 @@
+"""``python -m ingest.writer_process``: one writer process of a run (see :mod:`ingest.offload`).
+
+It reads frames from stdin and answers on stdout, nothing else: a :class:`WriterSetup`, then for
+each batch a :class:`BatchJob` (answered with :class:`StagedBatch` once the rows are COPYed in
+an open transaction) and the batch's :class:`CommitPlan` (answered with :class:`Committed`).
+Any other frame, or end of file, rolls the open batch back; end of file also ends the process,
+so a writer never outlives its run's process by more than the statement it is in.
+
+SIGINT and SIGTERM are ignored: a terminal or a process manager signals the whole group, and
+it is the run's process that decides how a stop ends (queued batches are still committed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from typing import IO, Any
+
+import asyncpg
+import orjson
+
+from ingest.batches import (
+    WRITE_ERRORS,
+    BatchTarget,
+    CommitPlan,
+    apply_commit,
+    batch_cursor,
+    convert_pages,
+    load_rows,
+    sink_error,
+    typed_count,
+)
+from ingest.config import Endpoint
+from ingest.db import describe_dsn
+from ingest.errors import one_line
+from ingest.log import configure_logging
+from ingest.offload import (
+    BatchJob,
+    Committed,
+    Failed,
+    Ready,
+    StagedBatch,
+    WriterSetup,
+    read_frame,
+    write_frame,
+)
+from ingest.pgcodecs import install_codecs
+from ingest.rows import RowBuilder
+from ingest.sink import TableSink
+from ingest.source import FetchedPage, extract_records
+from ingest.state import hold_commits_shared
+from ingest.tuning import relaxed_gc
+from ingest.typed import TypedPages, typed_pages_for
+
+#: How a writer's connection shows in ``pg_stat_activity``.
+APPLICATION_NAME = "ingest writer"
+
+
+class _EndpointWork:
+    """What converting and writing one endpoint's pages needs, built once per writer."""
+
+    def __init__(self, endpoint: Endpoint, typed_decode: bool) -> None:
+        self.endpoint = endpoint
+        self.sink = TableSink(endpoint.table)
+        self.builder = RowBuilder(endpoint.table)
+        self.typed: TypedPages | None = typed_pages_for(endpoint, typed_decode)
+        self.cursor = endpoint.incremental.kind() if endpoint.incremental else None
+
+    def page(self, number: int, body: bytes | None, parent: Any) -> FetchedPage:
+        """The page as the run's process would have converted it: typed rows or records."""
+        records: list[Any] = []
+        if body is not None:
+            document = self.typed(body, parent) if self.typed else orjson.loads(body)
+            name = self.endpoint.name
+            records = extract_records(document, self.endpoint.records_path, name, f"page {number}")
+        return FetchedPage(number, records, None, parent=parent)
+
+
+class _Writer:
+    def __init__(self, setup: WriterSetup, frames_in: IO[bytes], frames_out: IO[bytes]) -> None:
+        self.setup = setup
+        self.frames_in = frames_in
+        self.frames_out = frames_out
+        self.work: dict[str, _EndpointWork] = {}
+
+    async def serve(self) -> None:
+        try:
+            connection = await asyncpg.connect(
+                self.setup.dsn, server_settings={"application_name": APPLICATION_NAME}
+            )
+        except (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            write_frame(
+                self.frames_out,
+                Failed(
+                    f"writer process: cannot connect to PostgreSQL at "
+                    f"{describe_dsn(self.setup.dsn)}: {self.setup.redactor(one_line(exc))}"
+                ),
+            )
+            return
+        try:
+            await install_codecs(connection)
+            write_frame(self.frames_out, Ready())
+            while (job := read_frame(self.frames_in)) is not None:
+                assert isinstance(job, BatchJob)
+                await self.batch(connection, job)
+        finally:
+            await connection.close()
+
+    async def batch(self, connection: asyncpg.Connection, job: BatchJob) -> None:
+        """Load the batch in a transaction, then commit it at the plan's word, or roll back."""
+        if job.endpoint is not None:
+            self.work[job.endpoint_name] = _EndpointWork(job.endpoint, self.setup.typed_decode)
+        work = self.work[job.endpoint_name]
+        written = 0
+        transaction = connection.transaction()
+        await transaction.start()
+        try:
+            await hold_commits_shared(connection, self.setup.source)
+            pages = [work.page(number, body, parent) for number, body, parent in job.pages]
+            rows, rejected = convert_pages(work.builder, pages)
+            written = len(rows)
+            batch_max = batch_cursor(work.endpoint, work.cursor, pages)
+            await load_rows(connection, work.sink, rows)
+            dumped = work.cursor.dump(batch_max) if work.cursor and batch_max is not None else None
+            write_frame(
+                self.frames_out, StagedBatch(written, len(rejected), dumped, typed_count(pages))
+            )
+            plan = read_frame(self.frames_in)
+            if not isinstance(plan, CommitPlan):  # end of file: the run's process is gone
+                await transaction.rollback()
+                if plan is None:
+                    raise EOFError
+                return
+            target = BatchTarget(job.run_id, self.setup.source, job.endpoint_name)
+            await apply_commit(connection, work.sink, target, plan, rejected)
+            await transaction.commit()
+        except WRITE_ERRORS as exc:
+            await _rollback_quietly(transaction)
+            error = sink_error(work.endpoint, "", written, exc)
+            write_frame(self.frames_out, Failed(self.setup.redactor(str(error))))
+            return
+        except EOFError:
+            raise
+        except Exception as exc:
+            await _rollback_quietly(transaction)
+            write_frame(
+                self.frames_out,
+                Failed(
+                    f"endpoint {job.endpoint_name}: a writer process failed on a batch "
+                    f"({type(exc).__name__}: {self.setup.redactor(one_line(exc))}); nothing of "
+                    "it was committed and the last checkpoint holds: rerun to resume"
+                ),
+            )
+            return
+        write_frame(self.frames_out, Committed())
+
+
+async def _rollback_quietly(transaction: Any) -> None:
+    # If the connection is gone, PostgreSQL rolled the transaction back itself.
+    with contextlib.suppress(*WRITE_ERRORS):
+        await transaction.rollback()
+
+
+def main() -> int:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    frames_in = sys.stdin.buffer
+    frames_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray print never corrupts a frame
+    setup = read_frame(frames_in)
+    if not isinstance(setup, WriterSetup):
+        return 2
+    configure_logging(setup.redactor, level=setup.log_level, fmt=setup.log_format)
+    writer = _Writer(setup, frames_in, frames_out)
+    try:
+        with relaxed_gc():
+            asyncio.run(writer.serve())
+    except (EOFError, BrokenPipeError):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
