@@ -127,13 +127,35 @@ def typed_count(pages: Sequence[FetchedPage]) -> int:
 
 
 async def load_rows(
-    connection: Connection, sink: TableSink, rows: Sequence[tuple[Any, ...]]
+    connection: Connection, sink: TableSink, rows: Sequence[tuple[Any, ...]], *, direct: bool
 ) -> None:
-    """The load phase's COPY: into the staging table (merge) or the target (append)."""
+    """The load phase's COPY: into the staging table (merge) or the target (append).
+
+    A ``direct`` merge batch COPYs nothing yet: it goes straight into the target at its turn.
+    """
     if sink.table.mode == "merge":
-        await sink.stage(connection, rows)
+        if not direct:
+            await sink.stage(connection, rows)
     else:
         await sink.write(connection, rows)
+
+
+async def merge_at_turn(
+    connection: Connection, sink: TableSink, rows: Sequence[tuple[Any, ...]], *, direct: bool
+) -> bool:
+    """A merge batch into the target, at its turn; True if a direct COPY met a known key.
+
+    Direct COPYs wait for the turn because an uncommitted key in the target makes a later
+    batch's insert of the same key wait for it: before the turn that could be a batch that
+    waits for this one. Then a known key falls back to the staging table, in the same
+    transaction.
+    """
+    if direct:
+        if await sink.copy_new(connection, rows):
+            return False
+        await sink.stage(connection, rows)
+    await sink.merge(connection)
+    return direct
 
 
 async def apply_commit(
@@ -143,11 +165,16 @@ async def apply_commit(
     plan: CommitPlan,
     rejected: Sequence[tuple[Any, str]],
     *,
+    rows: Sequence[tuple[Any, ...]] = (),
+    direct: bool = False,
     fence: Fence | None = None,
-) -> None:
-    """The commit phase's statements, in the batch's transaction, at its turn."""
-    if plan.merge:
-        await sink.merge(connection)
+) -> bool:
+    """The commit phase's statements, in the batch's transaction, at its turn.
+
+    Returns True when a ``direct`` merge batch met keys already in the target (see
+    :func:`merge_at_turn`): the endpoint's next batches should stage.
+    """
+    known_keys = plan.merge and await merge_at_turn(connection, sink, rows, direct=direct)
     if rejected:
         await save_dead_letters(
             connection,
@@ -182,6 +209,7 @@ async def apply_commit(
             value=plan.high_water,
             run_id=target.run_id,
         )
+    return known_keys
 
 
 def sink_error(endpoint: Endpoint, partition: str, written: int, exc: BaseException) -> SinkError:
@@ -217,6 +245,8 @@ class BatchWriter:
         batch_max = batch_cursor(endpoint, state.cursor, pages)
         staged = Staged(len(rows), len(rejected), batch_max, typed_count(pages))
         fence = state.partition.fence if state.partition is not None else None
+        # Server loads stage in PostgreSQL; only Python-built rows go straight into the target.
+        direct = state.merge_direct and state.server is None
         try:
             async with self.pool.acquire() as connection, connection.transaction():
                 loaded = None
@@ -228,14 +258,22 @@ class BatchWriter:
                     if state.server is not None:
                         rows, rejected = convert_pages(state.builder, pages)
                         staged.written, staged.dead_letters = len(rows), len(rejected)
-                    await load_rows(connection, state.sink, rows)
+                    await load_rows(connection, state.sink, rows, direct=direct)
                 await state.gate.wait_turn(sequence)
                 plan, cursor_max = self.plan(state, pages, staged)
-                target = self.target(state)
-                await apply_commit(connection, state.sink, target, plan, rejected, fence=fence)
+                known_keys = await apply_commit(
+                    connection,
+                    state.sink,
+                    self.target(state),
+                    plan,
+                    rejected,
+                    rows=rows,
+                    direct=direct,
+                    fence=fence,
+                )
         except WRITE_ERRORS as exc:
             raise sink_error(endpoint, state.partition_key, staged.written, exc) from None
-        await self.committed(state, sequence, pages, staged, cursor_max)
+        await self.committed(state, sequence, pages, staged, cursor_max, known_keys=known_keys)
 
     @staticmethod
     def target(state: EndpointRun) -> BatchTarget:
@@ -277,10 +315,19 @@ class BatchWriter:
         pages: Sequence[FetchedPage],
         staged: Staged,
         cursor_max: CursorValue | None,
+        *,
+        known_keys: bool = False,
     ) -> None:
-        """Count a committed batch and let the next one commit."""
+        """Count a committed batch and let the next one commit.
+
+        ``known_keys``: a direct merge batch met keys already in the target, so the endpoint's
+        next batches stage and merge as usual.
+        """
         endpoint = state.endpoint
         state.cursor_max = cursor_max
+        if known_keys and state.merge_direct:
+            state.merge_direct = False
+            log.info("merge_staged_from_now_on", endpoint=endpoint.name, sequence=sequence)
         stats = state.stats
         stats.records += staged.written
         stats.pages += len(pages)

@@ -74,6 +74,8 @@ class BatchJob:
     endpoint: Endpoint | None
     #: (page number, body or None for a page without records, parent row or None) per page.
     pages: list[tuple[int, bytes | None, Mapping[str, Any] | None]]
+    #: A merge batch goes straight into the target at its turn (``EndpointRun.merge_direct``).
+    direct: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,9 @@ class StagedBatch:
 @dataclass(frozen=True, slots=True)
 class Committed:
     """The batch and its checkpoint are committed."""
+
+    #: A direct merge batch met keys already in the target (it merged through staging).
+    known_keys: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +254,9 @@ class WriterPool:
         """:meth:`BatchWriter.write` with the load and commit phases in a writer process."""
         endpoint = state.endpoint
         await self._started()
+        await state.writer_order.wait_turn(sequence)
         writer = await self._idle.get()
+        await state.writer_order.committed(sequence)
         reusable = False
         try:
             job = BatchJob(
@@ -260,6 +267,7 @@ class WriterPool:
                     (page.number, page.body if page.records else None, page.parent)
                     for page in pages
                 ],
+                direct=state.merge_direct,
             )
             await writer.send(job)
             writer.known.add(endpoint.name)
@@ -289,4 +297,6 @@ class WriterPool:
                 self._idle.put_nowait(writer)
             else:  # mid-batch: its transaction must not outlive this write
                 writer.kill()
-        await batches.committed(state, sequence, pages, staged, cursor_max)
+        await batches.committed(
+            state, sequence, pages, staged, cursor_max, known_keys=reply.known_keys
+        )

@@ -137,12 +137,19 @@ class EndpointRun:
     cursor_max: CursorValue | None = None
     high_water: CursorValue | None = None
     gate: CommitGate = field(default_factory=CommitGate)
+    #: Batches borrow writer processes in batch order: a batch that holds one while it waits
+    #: for its commit turn then always has its predecessors holding one too (no deadlock with
+    #: fewer writers than batches in flight).
+    writer_order: CommitGate = field(default_factory=CommitGate)
     take_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     next_sequence: int = 0
     ended: bool = False
     interrupted: bool = False
     #: Its batches are converted and written by the run's writer processes (ingest.offload).
     offloaded: bool = False
+    #: Merge batches go straight into the target by COPY while every key they bring is new
+    #: (:meth:`ingest.sink.TableSink.copy_new`); the first known key turns it off for the walk.
+    merge_direct: bool = True
 
     @property
     def partition_key(self) -> str:

@@ -123,7 +123,7 @@ class _Writer:
             rows, rejected = convert_pages(work.builder, pages)
             written = len(rows)
             batch_max = batch_cursor(work.endpoint, work.cursor, pages)
-            await load_rows(connection, work.sink, rows)
+            await load_rows(connection, work.sink, rows, direct=job.direct)
             dumped = work.cursor.dump(batch_max) if work.cursor and batch_max is not None else None
             write_frame(
                 self.frames_out, StagedBatch(written, len(rejected), dumped, typed_count(pages))
@@ -135,7 +135,9 @@ class _Writer:
                     raise EOFError
                 return
             target = BatchTarget(job.run_id, self.setup.source, job.endpoint_name)
-            await apply_commit(connection, work.sink, target, plan, rejected)
+            known_keys = await apply_commit(
+                connection, work.sink, target, plan, rejected, rows=rows, direct=job.direct
+            )
             await transaction.commit()
         except WRITE_ERRORS as exc:
             await _rollback_quietly(transaction)
@@ -155,7 +157,7 @@ class _Writer:
                 ),
             )
             return
-        write_frame(self.frames_out, Committed())
+        write_frame(self.frames_out, Committed(known_keys))
 
 
 async def _rollback_quietly(transaction: Any) -> None:

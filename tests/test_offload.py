@@ -99,14 +99,18 @@ async def test_a_new_run_waits_for_writer_transactions_of_an_earlier_run(
         await other.close()
 
 
-@pytest.mark.parametrize("mode", ["append", "merge"])
+@pytest.mark.parametrize(("mode", "writers"), [("append", 2), ("merge", 2), ("merge", 1)])
 async def test_writer_processes_land_the_same_table_as_one_process(
-    cli_env: dict[str, str], db: Connection, tmp_path: Path, mode: str
+    cli_env: dict[str, str], db: Connection, tmp_path: Path, mode: str, writers: int
 ) -> None:
+    """One writer for two consumers too: batches borrow writers in order, or the batch that
+    holds the only writer could wait for its turn behind a batch that waits for a writer."""
     records = timed_records(250, every=dt.timedelta(minutes=1))
     async with serve(changes_app(records)) as base:
         config = tmp_path / "events.toml"
-        config.write_text(events_config(base, mode=mode, per_page=10, writer_processes=2))
+        config.write_text(
+            events_config(base, mode=mode, per_page=10, consumers=2, writer_processes=writers)
+        )
         code, output = await run_cli(["run", str(config)], cli_env, tmp_path, "run")
         assert code == ExitCode.OK, output
         summary = [line.split() for line in output.splitlines() if line.startswith("events ")]

@@ -1,0 +1,86 @@
+"""Merge batches of new keys go straight into the target; the first known key stages the rest.
+
+What a user sees must not change: the table after a merge is the upsert of every batch in
+order, whichever way each batch got there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from ingest.secrets import Redactor
+from tests.helpers import make_config, run
+from tests.http_support import captured_logs
+from tests.servers import page_number_app, serve
+
+Connection = asyncpg.Connection
+
+
+def items(ids: list[int], label: str) -> list[dict[str, Any]]:
+    return [{"id": i, "name": f"{label} {i}", "score": i / 2, "active": True} for i in ids]
+
+
+def events(logs: Any, name: str) -> list[dict[str, Any]]:
+    lines = [orjson.loads(line) for line in logs.getvalue().splitlines() if line.strip()]
+    return [line for line in lines if line.get("event") == name]
+
+
+@pytest.mark.parametrize("writers", [0, 2])
+async def test_new_keys_copy_straight_in_and_a_known_key_mid_walk_merges_from_then_on(
+    database: str, db: Connection, writers: int
+) -> None:
+    first = items(list(range(1, 31)), "first")
+    # The second walk brings new keys, then (in its third batch) key 5 again, then more new.
+    second = [
+        *items(list(range(31, 51)), "second"),
+        *items([5], "again"),
+        *items(list(range(51, 70)), "second"),
+    ]
+    for records, expect_staging in ((first, False), (second, True)):
+        async with serve(page_number_app(records, default_size=10)) as base:
+            loaded = make_config(
+                base,
+                pagination={"style": "page_number", "page_size_param": "per_page", "page_size": 10},
+                records_path="data.items",
+                mode="merge",
+                pipeline={"batch_size": 10, "consumers": 2, "writer_processes": writers},
+            )
+            with captured_logs(Redactor()) as logs:
+                result = await run(loaded, database, restart=True)
+        assert result.endpoints["items"].records == len(records)
+        staged = events(logs, "merge_staged_from_now_on")
+        if writers == 0:  # writer processes log in their own process
+            assert len(staged) == (1 if expect_staging else 0), staged
+    rows = await db.fetch("SELECT id, name, score FROM items ORDER BY id")
+    expected = {record["id"]: record for record in [*first, *second]}
+    assert [tuple(row) for row in rows] == [
+        (key, record["name"], record["score"]) for key, record in sorted(expected.items())
+    ]
+    assert rows[4]["name"] == "again 5"
+    # An upsert's update sets the load time anew; inserts take the default either way.
+    loaded_at = await db.fetch("SELECT id, _ingest_loaded_at FROM items WHERE id IN (4, 5, 6)")
+    times = {row["id"]: row["_ingest_loaded_at"] for row in loaded_at}
+    assert times[5] > times[4] and times[5] > times[6]
+
+
+async def test_a_key_repeated_across_batches_of_a_first_load_keeps_the_last(
+    database: str, db: Connection
+) -> None:
+    records = [*items(list(range(1, 16)), "early"), *items([3, 7], "late"), *items([16], "more")]
+    async with serve(page_number_app(records, default_size=5)) as base:
+        loaded = make_config(
+            base,
+            pagination={"style": "page_number", "page_size_param": "per_page", "page_size": 5},
+            records_path="data.items",
+            mode="merge",
+            pipeline={"batch_size": 5, "consumers": 2},
+        )
+        await run(loaded, database)
+    rows = await db.fetch("SELECT id, name FROM items ORDER BY id")
+    assert [row["id"] for row in rows] == list(range(1, 17))
+    names = {row["id"]: row["name"] for row in rows}
+    assert names[3] == "late 3" and names[7] == "late 7" and names[8] == "early 8"
