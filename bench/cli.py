@@ -35,7 +35,20 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 DLT_VENV = BENCH / ".venv-dlt"
 RESULTS = BENCH / "results"
-CONTENDERS = ("http", "copy", "naive", "dlt", "append", "merge", "append-server", "merge-server")
+CONTENDERS = (
+    "http",
+    "copy",
+    "naive",
+    "dlt",
+    "append",
+    "merge",
+    "append-writers",
+    "merge-writers",
+    "append-server",
+    "merge-server",
+)
+#: Writer processes of the ``*-writers`` contenders (``pipeline.writer_processes``).
+WRITERS = 2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -343,14 +356,24 @@ def _plan(  # noqa: PLR0917 - one call site, all inputs of the plan
     variants = (
         ("append", "ingest_append", "python"),
         ("merge", "ingest_merge", "python"),
+        ("append", "ingest_append_writers", "writers"),
+        ("merge", "ingest_merge_writers", "writers"),
         ("append", "ingest_append_server", "server"),
         ("merge", "ingest_merge_server", "server"),
     )
     for mode, table, load in variants:
         config = Path(scratch) / f"{table}.toml"
+        settings = {**overrides, "pipeline": dict(overrides["pipeline"])}
+        if load == "writers":
+            settings["pipeline"]["writer_processes"] = WRITERS
         config.write_text(
             ingest_config(
-                base_url, table=table, mode=mode, store_raw=args.store_raw, load=load, **overrides
+                base_url,
+                table=table,
+                mode=mode,
+                store_raw=args.store_raw,
+                load="server" if load == "server" else "python",
+                **settings,
             )
         )
         command = [
@@ -367,12 +390,13 @@ def _plan(  # noqa: PLR0917 - one call site, all inputs of the plan
             "--log-level",
             "warning",
         ]
-        key = mode if load == "python" else f"{mode}-server"
-        label = f"ingest {mode}" + (" (server)" if load == "server" else "")
-        contenders.append((key, label, command, table, f"DROP TABLE IF EXISTS {table}"))
+        key = mode if load == "python" else f"{mode}-{load}"
+        suffix = {"python": "", "writers": f" ({WRITERS} writers)", "server": " (server)"}[load]
+        contenders.append(
+            (key, f"ingest {mode}{suffix}", command, table, f"DROP TABLE IF EXISTS {table}")
+        )
         if mode == "merge":
             into = "1M" if dataset.records == 1_000_000 else f"{dataset.records:,}"
-            suffix = " (server)" if load == "server" else ""
             contenders.append(
                 (key, f"ingest merge into {into}-row table{suffix}", command, table, None)
             )

@@ -48,13 +48,20 @@ def targets(results: Sequence[Measured], cpus: int) -> dict[str, Any]:
     # The default load path; the opt-in ``load = "server"`` rows get ratios of their own.
     append = next((m for m in current if m.name == "ingest append"), None)
     merge = next((m for m in current if m.name == "ingest merge"), None)
-    append_server = next((m for m in current if m.name == "ingest append (server)"), None)
-    merge_server = next((m for m in current if m.name == "ingest merge (server)"), None)
+    named = {m.name: m for m in current}
+    append_server = named.get("ingest append (server)")
+    merge_server = named.get("ingest merge (server)")
+    # Opt-in writer processes (pipeline.writer_processes): ratios of their own too.
+    writers = [m for m in current if m.name.endswith(" writers)")]
+    append_writers = next((m for m in writers if m.name.startswith("ingest append")), None)
+    merge_writers = next((m for m in writers if m.name.startswith("ingest merge (")), None)
     merge_existing = next((m for m in current if m.name.startswith("ingest merge into")), None)
     ratios = {
         "append_vs_copy": _ratio(append, copy),
         "merge_vs_copy": _ratio(merge, copy),
         "merge_existing_vs_copy": _ratio(merge_existing, copy),
+        "append_writers_vs_copy": _ratio(append_writers, copy),
+        "merge_writers_vs_copy": _ratio(merge_writers, copy),
         "append_server_vs_copy": _ratio(append_server, copy),
         "merge_server_vs_copy": _ratio(merge_server, copy),
         "append_vs_dlt": _ratio(append, _find(results, "dlt")),
@@ -92,7 +99,7 @@ def _fmt(value: float | None, pattern: str) -> str:
 
 def render(meta: dict[str, Any], results: Sequence[Measured]) -> str:
     header = (
-        f"{'contender':<34} {'records':>10} {'wall s':>8} {'records/s':>11} "
+        f"{'contender':<44} {'records':>10} {'wall s':>8} {'records/s':>11} "
         f"{'CPU s/M':>8} {'PG CPU s/M':>10} {'peak RSS MB':>11}"
     )
     lines = [
@@ -105,7 +112,7 @@ def render(meta: dict[str, Any], results: Sequence[Measured]) -> str:
     ]
     for m in results:
         lines.append(
-            f"{m.name:<34} {m.records:>10,} {m.wall:>8.1f} {m.rate:>11,.0f} "
+            f"{m.name:<44} {m.records:>10,} {m.wall:>8.1f} {m.rate:>11,.0f} "
             f"{_fmt(m.per_million(m.cpu), '.1f'):>8} {_fmt(m.per_million(m.pg_cpu), '.1f'):>10} "
             f"{m.peak_rss_mb:>11.0f}" + (f"  {m.note}" if m.note else "")
         )
