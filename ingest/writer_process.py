@@ -21,6 +21,7 @@ from typing import IO, Any
 
 import asyncpg
 import orjson
+import structlog
 
 from ingest.batches import (
     WRITE_ERRORS,
@@ -114,6 +115,10 @@ class _Writer:
         if job.endpoint is not None:
             self.work[job.endpoint_name] = _EndpointWork(job.endpoint, self.setup.typed_decode)
         work = self.work[job.endpoint_name]
+        # The same context as the run's own log lines (typed decoder fallbacks, say).
+        structlog.contextvars.bind_contextvars(
+            run_id=str(job.run_id), source=self.setup.source, endpoint=job.endpoint_name
+        )
         written = 0
         transaction = connection.transaction()
         await transaction.start()
