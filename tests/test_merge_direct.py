@@ -12,6 +12,7 @@ import asyncpg
 import orjson
 import pytest
 
+from ingest.config import LoadedConfig
 from ingest.secrets import Redactor
 from tests.helpers import make_config, run
 from tests.http_support import captured_logs
@@ -22,6 +23,17 @@ Connection = asyncpg.Connection
 
 def items(ids: list[int], label: str) -> list[dict[str, Any]]:
     return [{"id": i, "name": f"{label} {i}", "score": i / 2, "active": True} for i in ids]
+
+
+def merge_config(base: str, size: int, **pipeline: Any) -> LoadedConfig:
+    """A merge endpoint over ``page_number_app`` pages of ``size``, one page per batch."""
+    return make_config(
+        base,
+        pagination={"style": "page_number", "page_size_param": "per_page", "page_size": size},
+        records_path="data.items",
+        mode="merge",
+        pipeline={"batch_size": size, "consumers": 2, **pipeline},
+    )
 
 
 def events(logs: Any, name: str) -> list[dict[str, Any]]:
@@ -42,13 +54,7 @@ async def test_new_keys_copy_straight_in_and_a_known_key_mid_walk_merges_from_th
     ]
     for records, expect_staging in ((first, False), (second, True)):
         async with serve(page_number_app(records, default_size=10)) as base:
-            loaded = make_config(
-                base,
-                pagination={"style": "page_number", "page_size_param": "per_page", "page_size": 10},
-                records_path="data.items",
-                mode="merge",
-                pipeline={"batch_size": 10, "consumers": 2, "writer_processes": writers},
-            )
+            loaded = merge_config(base, 10, writer_processes=writers)
             with captured_logs(Redactor()) as logs:
                 result = await run(loaded, database, restart=True)
         assert result.endpoints["items"].records == len(records)
@@ -72,14 +78,7 @@ async def test_a_key_repeated_across_batches_of_a_first_load_keeps_the_last(
 ) -> None:
     records = [*items(list(range(1, 16)), "early"), *items([3, 7], "late"), *items([16], "more")]
     async with serve(page_number_app(records, default_size=5)) as base:
-        loaded = make_config(
-            base,
-            pagination={"style": "page_number", "page_size_param": "per_page", "page_size": 5},
-            records_path="data.items",
-            mode="merge",
-            pipeline={"batch_size": 5, "consumers": 2},
-        )
-        await run(loaded, database)
+        await run(merge_config(base, 5), database)
     rows = await db.fetch("SELECT id, name FROM items ORDER BY id")
     assert [row["id"] for row in rows] == list(range(1, 17))
     names = {row["id"]: row["name"] for row in rows}
