@@ -75,13 +75,17 @@ async def test_sigterm_commits_the_checkpoint_and_the_rerun_completes_exactly(
     assert await event_ids(db) == list(range(1, 301))
 
 
+@pytest.mark.parametrize("writers", [0, 1])
 async def test_second_signal_exits_at_once_and_the_checkpoint_still_holds(
-    cli_env: dict[str, str], db: Connection, tmp_path: Path
+    cli_env: dict[str, str], db: Connection, tmp_path: Path, writers: int
 ) -> None:
+    """With a writer process too: the one blocked in its COPY is ended with the run."""
     records = timed_records(300, every=dt.timedelta(minutes=1))
     async with serve(changes_app(records, latency=0.05)) as base:
         config = tmp_path / "shop.toml"
-        config.write_text(events_config(base, per_page=10, mode="append", consumers=1))
+        config.write_text(
+            events_config(base, per_page=10, mode="append", consumers=1, writer_processes=writers)
+        )
         cli = await spawn(["run", str(config)], cli_env, tmp_path, "run")
         await wait_until(lambda: committed_positive(db), what="a committed batch")
         # Block the writer: its next COPY waits on our lock, so a graceful stop cannot finish.
