@@ -109,10 +109,15 @@ class Failed:
     message: str
 
 
+def frame(message: Any) -> bytes:
+    """One message as it travels: its pickle's length, then the pickle."""
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(payload)) + payload
+
+
 def write_frame(stream: IO[bytes], message: Any) -> None:
     """Blocking write of one frame (the writer process's side)."""
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(_HEADER.pack(len(payload)) + payload)
+    stream.write(frame(message))
     stream.flush()
 
 
@@ -164,9 +169,8 @@ class WriterProcess:
     async def send(self, message: Any) -> None:
         stdin = self.process.stdin
         assert stdin is not None
-        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         try:
-            stdin.write(_HEADER.pack(len(payload)) + payload)
+            stdin.write(frame(message))
             await stdin.drain()
         except (BrokenPipeError, ConnectionResetError):
             raise self._gone("receiving a batch") from None
