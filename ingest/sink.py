@@ -121,15 +121,20 @@ class TableSink:
         if not rows:
             return
         if self.table.mode == "append":
-            await connection.copy_records_to_table(
-                self.table.name,
-                schema_name=self.table.schema_,
-                columns=list(self.columns),
-                records=rows,
-            )
+            await self._copy_into_target(connection, rows)
             return
         await self.stage(connection, rows)
         await self.merge(connection)
+
+    async def _copy_into_target(
+        self, connection: Connection, rows: Sequence[tuple[Any, ...]]
+    ) -> None:
+        await connection.copy_records_to_table(
+            self.table.name,
+            schema_name=self.table.schema_,
+            columns=list(self.columns),
+            records=rows,
+        )
 
     async def stage(self, connection: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
         """COPY a merge batch, last occurrence of each key only, into the staging table."""
@@ -163,12 +168,7 @@ class TableSink:
         """
         try:
             async with connection.transaction():
-                await connection.copy_records_to_table(
-                    self.table.name,
-                    schema_name=self.table.schema_,
-                    columns=list(self.columns),
-                    records=self.last_per_key(rows),
-                )
+                await self._copy_into_target(connection, self.last_per_key(rows))
         except asyncpg.UniqueViolationError:
             return False
         return True
