@@ -16,12 +16,13 @@ default ``work_mem`` for large batches; see docs/performance.md.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import asyncpg
 
 from ingest.config import Table
+from ingest.copyenc import Encode, binary_encoder
 from ingest.db import Connection
 from ingest.errors import SinkError
 from ingest.rows import POSTGRES_TYPES
@@ -33,6 +34,11 @@ LOADED_AT_COLUMN = "_ingest_loaded_at"
 def quote(identifier: str) -> str:
     """Quote an identifier already validated by :mod:`ingest.config`."""
     return '"' + identifier.replace('"', '""') + '"'
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    """``data`` as asyncpg's async-iterable COPY source (no executor thread, no copy)."""
+    yield data
 
 
 class TableSink:
@@ -65,6 +71,12 @@ class TableSink:
         )
         raw = f", {quote(RAW_COLUMN)} jsonb" if table.store_raw else ""
         self._staging_sql = f"CREATE TEMP TABLE {self.staging} ({definitions}{raw}) ON COMMIT DROP"
+        self._column_types = [column.type for column in table.columns.values()] + (
+            ["jsonb"] if table.store_raw else []
+        )
+        self._encode: Encode | None = binary_encoder(self._column_types)
+        #: The target's column types are the configured ones (None: not checked yet).
+        self._target_matches: bool | None = None
         positions = [self.columns.index(key) for key in table.primary_key]
         self._key: Callable[[tuple[Any, ...]], Any] = (
             operator.itemgetter(*positions) if positions else operator.itemgetter(slice(0, 0))
@@ -129,19 +141,59 @@ class TableSink:
     async def _copy_into_target(
         self, connection: Connection, rows: Sequence[tuple[Any, ...]]
     ) -> None:
-        await connection.copy_records_to_table(
-            self.table.name,
-            schema_name=self.table.schema_,
-            columns=list(self.columns),
-            records=rows,
-        )
+        encode = self._encode if await self.target_matches(connection) else None
+        await self._copy(connection, self.table.name, self.table.schema_, rows, encode)
 
     async def stage(self, connection: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
         """COPY a merge batch, last occurrence of each key only, into the staging table."""
         await connection.execute(self._staging_sql)
-        await connection.copy_records_to_table(
-            self.staging_name, columns=list(self.columns), records=self.last_per_key(rows)
+        await self._copy(connection, self.staging_name, None, self.last_per_key(rows), self._encode)
+
+    async def _copy(
+        self,
+        connection: Connection,
+        name: str,
+        schema: str | None,
+        rows: Sequence[tuple[Any, ...]],
+        encode: Encode | None,
+    ) -> None:
+        """One COPY of ``rows``: bytes from the C encoder, or asyncpg's when it declines."""
+        data = encode(rows) if encode is not None else None
+        if data is None:
+            await connection.copy_records_to_table(
+                name, schema_name=schema, columns=list(self.columns), records=rows
+            )
+            return
+        await connection.copy_to_table(
+            name,
+            schema_name=schema,
+            columns=list(self.columns),
+            source=_once(data),
+            format="binary",
         )
+
+    async def target_matches(self, connection: Connection) -> bool:
+        """Whether every column of the target has exactly the configured type (once per sink).
+
+        A table ingest created always does; one a user made or altered may not (``varchar``,
+        ``numeric`` for a double, a domain), and then asyncpg encodes for the actual types, as
+        it always did, instead of the C encoder's bytes for the configured ones.
+        """
+        if self._encode is None:
+            return False
+        if self._target_matches is None:
+            self._target_matches = bool(
+                await connection.fetchval(
+                    "SELECT count(*) = cardinality($2::text[]) AND bool_and("
+                    "a.atttypid = e.type::regtype) FROM unnest($2::text[], $3::text[]) "
+                    "AS e(name, type) JOIN pg_attribute a ON a.attrelid = $1::regclass "
+                    "AND a.attname = e.name AND a.attnum > 0 AND NOT a.attisdropped",
+                    self.qualified,
+                    list(self.columns),
+                    [POSTGRES_TYPES[kind] for kind in self._column_types],
+                )
+            )
+        return self._target_matches
 
     def last_per_key(self, rows: Sequence[tuple[Any, ...]]) -> Sequence[tuple[Any, ...]]:
         """``rows`` with only the last occurrence of each primary key (usually all of them).
