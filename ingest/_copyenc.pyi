@@ -4,3 +4,6 @@ from typing import Any
 KIND: dict[str, int]
 
 def encode(rows: Sequence[tuple[Any, ...]], kinds: bytes, /) -> bytes | None: ...
+def encode_records(
+    records: Sequence[Any], spec: tuple[Any, ...], /
+) -> tuple[bytes, list[Any] | None, list[Any] | None] | None: ...

@@ -17,6 +17,7 @@ batches before this one committed.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import uuid
 from collections.abc import Sequence
@@ -24,9 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import orjson
 import structlog
 
 from ingest.config import Endpoint
+from ingest.copyenc import EncodedBatch, RecordEncoder, Rows
 from ingest.cursor import CursorKind, CursorValue
 from ingest.db import Connection
 from ingest.errors import DeadLetterLimitError, SinkError, one_line
@@ -35,7 +38,7 @@ from ingest.rows import RowBuilder
 from ingest.runstate import EndpointRun, Fence, RunOptions, larger
 from ingest.server_load import FALLBACK_ERRORS
 from ingest.sink import TableSink
-from ingest.source import FetchedPage
+from ingest.source import FetchedPage, extract_records
 from ingest.state import (
     Checkpoint,
     save_checkpoint,
@@ -43,7 +46,7 @@ from ingest.state import (
     save_dead_letters,
     save_parent_walk,
 )
-from ingest.typed import BuiltRows
+from ingest.typed import BuiltRows, EnvelopePages, PageParser, RawRecords
 
 log = structlog.get_logger("ingest.batches")
 
@@ -126,9 +129,27 @@ def typed_count(pages: Sequence[FetchedPage]) -> int:
     return sum(isinstance(page.records, BuiltRows) for page in pages)
 
 
-async def load_rows(
-    connection: Connection, sink: TableSink, rows: Sequence[tuple[Any, ...]], *, direct: bool
-) -> None:
+def decoded_page(
+    endpoint: Endpoint, parse: PageParser | None, number: int, body: bytes | None, parent: Any
+) -> FetchedPage:
+    """A page whose records were left as raw JSON, decoded the usual way from its body: typed
+    rows or records, exactly as the run's parser would have returned them."""
+    records: list[Any] = []
+    if body is not None:
+        document = parse(body, parent) if parse is not None else orjson.loads(body)
+        records = extract_records(document, endpoint.records_path, endpoint.name, f"page {number}")
+    return FetchedPage(number, records, None, parent=parent)
+
+
+def encode_natively(encoder: RecordEncoder, pages: Sequence[FetchedPage]) -> EncodedBatch | None:
+    """The batch as binary COPY bytes straight from its raw records, or None (see
+    :class:`ingest.copyenc.RecordEncoder`): then the pages are decoded the usual way."""
+    if not all(isinstance(page.records, RawRecords) for page in pages):
+        return None  # a page the envelope parser handed to orjson
+    return encoder.encode([record for page in pages for record in page.records])
+
+
+async def load_rows(connection: Connection, sink: TableSink, rows: Rows, *, direct: bool) -> None:
     """The load phase's COPY: into the staging table (merge) or the target (append).
 
     A ``direct`` merge batch COPYs nothing yet: it goes straight into the target at its turn.
@@ -141,7 +162,7 @@ async def load_rows(
 
 
 async def merge_at_turn(
-    connection: Connection, sink: TableSink, rows: Sequence[tuple[Any, ...]], *, direct: bool
+    connection: Connection, sink: TableSink, rows: Rows, *, direct: bool
 ) -> bool:
     """A merge batch into the target, at its turn; True if a direct COPY met a known key.
 
@@ -165,7 +186,7 @@ async def apply_commit(
     plan: CommitPlan,
     rejected: Sequence[tuple[Any, str]],
     *,
-    rows: Sequence[tuple[Any, ...]] = (),
+    rows: Rows = (),
     direct: bool = False,
     fence: Fence | None = None,
 ) -> bool:
@@ -238,12 +259,22 @@ class BatchWriter:
 
     async def write(self, state: EndpointRun, sequence: int, pages: list[FetchedPage]) -> None:
         endpoint = state.endpoint
-        rows: list[tuple[Any, ...]] = []
+        rows: Rows = []
         rejected: list[tuple[Any, str]] = []
-        if state.server is None:
-            rows, rejected = convert_pages(state.builder, pages)
-        batch_max = batch_cursor(endpoint, state.cursor, pages)
-        staged = Staged(len(rows), len(rejected), batch_max, typed_count(pages))
+        encoded = await self._encode(state, pages) if state.encoder is not None else None
+        if encoded is not None:
+            rows = encoded
+            kind = state.cursor
+            cursors = encoded.cursors
+            batch_max = kind.highest(None, cursors) if kind and cursors is not None else None
+            staged = Staged(len(rows), 0, batch_max, len(pages))
+        else:
+            if state.encoder is not None:
+                pages = self._decoded(state, pages)
+            if state.server is None:
+                rows, rejected = convert_pages(state.builder, pages)
+            batch_max = batch_cursor(endpoint, state.cursor, pages)
+            staged = Staged(len(rows), len(rejected), batch_max, typed_count(pages))
         fence = state.partition.fence if state.partition is not None else None
         # Server loads stage in PostgreSQL; only Python-built rows go straight into the target.
         direct = state.merge_direct and state.server is None
@@ -274,6 +305,33 @@ class BatchWriter:
         except WRITE_ERRORS as exc:
             raise sink_error(endpoint, state.partition_key, staged.written, exc) from None
         await self.committed(state, sequence, pages, staged, cursor_max, known_keys=known_keys)
+
+    async def _encode(self, state: EndpointRun, pages: list[FetchedPage]) -> EncodedBatch | None:
+        """The batch straight from raw records to COPY bytes, if the encoder takes it all."""
+        assert state.encoder is not None
+        if not state.sink.target_checked:
+            async with self.pool.acquire() as connection:
+                await state.sink.target_matches(connection)
+        if not state.sink.target_checked or not state.sink.target_matched:
+            return None
+        return encode_natively(state.encoder, pages)
+
+    @staticmethod
+    def _decoded(state: EndpointRun, pages: list[FetchedPage]) -> list[FetchedPage]:
+        """Pages the encoder declined, decoded from their bodies as the endpoint's full parser
+        would have (typed rows or records); checkpoints and the rest as they were."""
+        parse = state.typed.full if isinstance(state.typed, EnvelopePages) else None
+        return [
+            dataclasses.replace(
+                page,
+                records=decoded_page(
+                    state.endpoint, parse, page.number, page.body, page.parent
+                ).records,
+            )
+            if isinstance(page.records, RawRecords)
+            else page
+            for page in pages
+        ]
 
     @staticmethod
     def target(state: EndpointRun) -> BatchTarget:

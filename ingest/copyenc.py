@@ -1,4 +1,4 @@
-"""Binary COPY bytes for a batch of row tuples, built in C when the extension is installed.
+"""Binary COPY bytes for a batch, built in C when the extension is installed.
 
 Why: asyncpg's ``copy_records_to_table`` spends ~2.3 s of CPU per 1M bench records encoding
 values through its generic codecs; :mod:`ingest._copyenc` writes the same binary format for the
@@ -17,12 +17,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ingest.config import PARENT_PREFIX, Endpoint
+
 #: rows -> the whole COPY stream, or None (asyncpg encodes this batch)
 Encode = Callable[[Sequence[tuple[Any, ...]]], bytes | None]
 
 try:
     from ingest._copyenc import KIND as _KIND
     from ingest._copyenc import encode as _encode
+    from ingest._copyenc import encode_records as _encode_records
 except ImportError:  # built without a C compiler: asyncpg encodes every batch
     _KIND = {}
 
@@ -43,3 +46,110 @@ def binary_encoder(column_types: Sequence[str]) -> Encode | None:
         return _encode(rows, codes)
 
     return encode_rows
+
+
+class EncodedBatch:
+    """A batch already in binary COPY form (the rows never existed as Python objects).
+
+    ``keys`` holds each record's primary key (merge tables; all distinct), ``cursors`` each
+    record's incremental cursor value as plain JSON (incremental endpoints), else None.
+    """
+
+    __slots__ = ("count", "cursors", "data", "keys")
+
+    def __init__(
+        self, data: bytes, count: int, keys: list[Any] | None, cursors: list[Any] | None
+    ) -> None:
+        self.data = data
+        self.count = count
+        self.keys = keys
+        self.cursors = cursors
+
+    def __len__(self) -> int:
+        return self.count
+
+
+#: What the sink writes: row tuples, or a batch the C record encoder already encoded.
+Rows = Sequence[tuple[Any, ...]] | EncodedBatch
+
+#: Config types a merge key may have for the record encoder (it hands keys back as int/str).
+_KEY_TYPES = frozenset({"bigint", "integer", "text"})
+#: _copyenc's code for the raw record column (``store_raw``).
+_RAW_KIND = 101
+
+
+class RecordEncoder:
+    """One endpoint's records (raw JSON text, e.g. :class:`ingest.typed.RawRecords`) straight
+    to binary COPY bytes in C, for the values where the Python path's conversion is not in
+    doubt; ``encode`` returns None for any other batch and the caller converts it as before.
+
+    Where it declines, and why (the conversions are :mod:`ingest.rows`'s):
+
+    - text only from JSON strings (numbers and objects as text: the Python path formats them);
+    - bigint/integer only from JSON integers in range (``1.0`` and ``"1"``: the Python path);
+    - double from JSON numbers, boolean from true/false;
+    - timestamptz only from ``YYYY-MM-DD[T ]HH:MM:SS[.ffffff][Z|±HH:MM]`` (naive means UTC),
+      the forms where ``datetime.fromisoformat`` is not in doubt; epoch numbers: Python path;
+    - date only from ``YYYY-MM-DD``;
+    - jsonb as the server's JSON text, so only without fractions, exponents or integers past
+      64 bits inside (their spelling may differ from orjson's re-encoding);
+    - any escaped NUL, malformed UTF-8 or JSON, a record that is not an object, a path
+      through a value that is not an object, or a required value missing: the Python path
+      decides (dead letters included);
+    - a merge batch in which a key repeats (the rows path keeps its last occurrence).
+
+    The raw record column (``store_raw``) holds the record's text as the server sent it, as
+    the typed decoder stores it.
+    """
+
+    def __init__(self, spec: tuple[Any, ...], keyed: bool) -> None:
+        self._spec = spec
+        self._keyed = keyed
+
+    @classmethod
+    def for_endpoint(cls, endpoint: Endpoint) -> RecordEncoder | None:
+        """The encoder for ``endpoint``'s table, or None when some column needs Python always."""
+        if not _KIND or endpoint.table.load != "python":
+            return None
+        table = endpoint.table
+        required_keys = set(table.primary_key)
+        columns: list[tuple[tuple[str, ...] | None, int, bool]] = []
+        for name, column in table.columns.items():
+            steps = _plain_steps(column.path)
+            if steps is None or column.type not in _KIND:
+                return None
+            required = name in required_keys or not column.nullable
+            columns.append((steps, _KIND[column.type], required))
+        if table.store_raw:
+            columns.append((None, _RAW_KIND, False))
+        names = list(table.columns)
+        if any(table.columns[key].type not in _KEY_TYPES for key in table.primary_key):
+            return None
+        keys = tuple(names.index(key) for key in table.primary_key) if table.mode == "merge" else ()
+        cursor: tuple[str, ...] | None = None
+        if endpoint.incremental is not None:
+            cursor = _plain_steps(endpoint.incremental.cursor_path)
+            if cursor is None:
+                return None
+        return cls((tuple(columns), keys, cursor), keyed=bool(keys))
+
+    def encode(self, records: Sequence[Any]) -> EncodedBatch | None:
+        """The batch's COPY stream, or None: the caller converts these records the usual way."""
+        result = _encode_records(records, self._spec)
+        if result is None:
+            return None
+        data, keys, cursors = result
+        if self._keyed and keys is not None and len(set(keys)) != len(keys):
+            return None
+        return EncodedBatch(data, len(records), keys, cursors)
+
+
+def _plain_steps(path: str) -> tuple[str, ...] | None:
+    """The object keys of ``path``; None for what the encoder does not walk (a list index, the
+    parent row, the document itself)."""
+    if path.startswith(PARENT_PREFIX):
+        return None
+    steps = tuple(step for step in path.split(".") if step)
+    if not steps or any(step.isdigit() or step[:1] == "-" for step in steps):
+        return None
+    return steps

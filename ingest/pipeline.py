@@ -32,6 +32,7 @@ import structlog
 from ingest.batches import BatchWriter
 from ingest.children import walk_children
 from ingest.config import Endpoint, LoadedConfig
+from ingest.copyenc import RecordEncoder
 from ingest.cursor import CursorValue
 from ingest.errors import (
     IngestError,
@@ -234,6 +235,9 @@ class Pipeline:
             self.writers is not None and endpoint.table.load == "python" and partition is None
         )
         typed = typed_pages_for(endpoint, self.settings.typed_decode)
+        encoder = (
+            RecordEncoder.for_endpoint(endpoint) if typed is not None and not offloaded else None
+        )
         state = EndpointRun(
             run_id=self.run_id,
             source=self.source.name,
@@ -241,7 +245,7 @@ class Pipeline:
             sink=sink,
             builder=RowBuilder(endpoint.table),
             server=ServerLoad(endpoint, sink) if endpoint.table.load == "server" else None,
-            typed=typed.envelope() if offloaded and typed is not None else typed,
+            typed=typed.envelope() if (offloaded or encoder) and typed is not None else typed,
             queue=asyncio.Queue(maxsize=self.settings.queue_size),
             stats=stats,
             base_records=checkpoint.records if resuming and checkpoint else 0,
@@ -250,6 +254,7 @@ class Pipeline:
             cursor=cursor,
             high_water=cursor.load(stored_cursor) if cursor and stored_cursor else None,
             offloaded=offloaded,
+            encoder=encoder,
         )
         if resuming and checkpoint and cursor and checkpoint.cursor_max:
             state.cursor_max = cursor.load(checkpoint.cursor_max)
@@ -309,7 +314,7 @@ class Pipeline:
                 source=self.source.name,
                 # A backfill window is history: every parent's, whatever changed lately.
                 only_changed=endpoint.parents == "changed" and state.partition is None,
-                keep_body=state.offloaded,
+                keep_body=state.raw_records,
             )
         paginator = make_paginator(endpoint.pagination)
         first: PageRequest
@@ -335,7 +340,7 @@ class Pipeline:
             pages_ahead=self.source.pages_ahead(endpoint),
             credential_params=self.source.credential_params(),
             parse=state.typed,
-            keep_body=state.offloaded,
+            keep_body=state.raw_records,
         )
 
     async def _produce(self, state: EndpointRun, pages: AsyncGenerator[FetchedPage, None]) -> None:

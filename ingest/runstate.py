@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ingest.config import Endpoint
+from ingest.copyenc import RecordEncoder
 from ingest.cursor import CursorKind, CursorValue
 from ingest.db import Connection
 from ingest.events import NullObserver, RunObserver
@@ -147,9 +148,17 @@ class EndpointRun:
     interrupted: bool = False
     #: Its batches are converted and written by the run's writer processes (ingest.offload).
     offloaded: bool = False
+    #: Its batches go from raw records straight to COPY bytes in C where it can
+    #: (:class:`ingest.copyenc.RecordEncoder`), else None.
+    encoder: RecordEncoder | None = None
     #: Merge batches go straight into the target by COPY while every key they bring is new
     #: (:meth:`ingest.sink.TableSink.copy_new`); the first known key turns it off for the walk.
     merge_direct: bool = True
+
+    @property
+    def raw_records(self) -> bool:
+        """Pages keep their records as raw JSON and their bodies (decoded later, if at all)."""
+        return self.offloaded or self.encoder is not None
 
     @property
     def partition_key(self) -> str:

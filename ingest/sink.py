@@ -16,13 +16,13 @@ default ``work_mem`` for large batches; see docs/performance.md.
 from __future__ import annotations
 
 import operator
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
 
 from ingest.config import Table
-from ingest.copyenc import Encode, binary_encoder
+from ingest.copyenc import Encode, EncodedBatch, Rows, binary_encoder
 from ingest.db import Connection
 from ingest.errors import SinkError
 from ingest.rows import POSTGRES_TYPES
@@ -128,7 +128,7 @@ class TableSink:
                 f"{missing[0]}: add it (ALTER TABLE) or point the endpoint at a new table"
             )
 
-    async def write(self, connection: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    async def write(self, connection: Connection, rows: Rows) -> None:
         """Write ``rows`` inside the caller's transaction."""
         if not rows:
             return
@@ -138,13 +138,14 @@ class TableSink:
         await self.stage(connection, rows)
         await self.merge(connection)
 
-    async def _copy_into_target(
-        self, connection: Connection, rows: Sequence[tuple[Any, ...]]
-    ) -> None:
-        encode = self._encode if await self.target_matches(connection) else None
+    async def _copy_into_target(self, connection: Connection, rows: Rows) -> None:
+        matches = await self.target_matches(connection)
+        if isinstance(rows, EncodedBatch) and not matches:
+            raise RuntimeError("an encoded batch for a target of other column types")
+        encode = self._encode if matches else None
         await self._copy(connection, self.table.name, self.table.schema_, rows, encode)
 
-    async def stage(self, connection: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    async def stage(self, connection: Connection, rows: Rows) -> None:
         """COPY a merge batch, last occurrence of each key only, into the staging table."""
         await connection.execute(self._staging_sql)
         await self._copy(connection, self.staging_name, None, self.last_per_key(rows), self._encode)
@@ -154,16 +155,20 @@ class TableSink:
         connection: Connection,
         name: str,
         schema: str | None,
-        rows: Sequence[tuple[Any, ...]],
+        rows: Rows,
         encode: Encode | None,
     ) -> None:
-        """One COPY of ``rows``: bytes from the C encoder, or asyncpg's when it declines."""
-        data = encode(rows) if encode is not None else None
-        if data is None:
-            await connection.copy_records_to_table(
-                name, schema_name=schema, columns=list(self.columns), records=rows
-            )
-            return
+        """One COPY of ``rows``: bytes from the C encoders, or asyncpg's when they decline."""
+        if isinstance(rows, EncodedBatch):
+            data: bytes | None = rows.data
+        else:
+            data = encode(rows) if encode is not None else None
+            if data is None:
+                await connection.copy_records_to_table(
+                    name, schema_name=schema, columns=list(self.columns), records=rows
+                )
+                return
+        assert data is not None
         await connection.copy_to_table(
             name,
             schema_name=schema,
@@ -171,6 +176,16 @@ class TableSink:
             source=_once(data),
             format="binary",
         )
+
+    @property
+    def target_checked(self) -> bool:
+        """Whether :meth:`target_matches` has looked (or there is no C encoder to look for)."""
+        return self._encode is None or self._target_matches is not None
+
+    @property
+    def target_matched(self) -> bool:
+        """What :meth:`target_matches` found (False before it looked)."""
+        return bool(self._target_matches)
 
     async def target_matches(self, connection: Connection) -> bool:
         """Whether every column of the target has exactly the configured type (once per sink).
@@ -195,12 +210,17 @@ class TableSink:
             )
         return self._target_matches
 
-    def last_per_key(self, rows: Sequence[tuple[Any, ...]]) -> Sequence[tuple[Any, ...]]:
+    def last_per_key(self, rows: Rows) -> Rows:
         """``rows`` with only the last occurrence of each primary key (usually all of them).
+
+        An encoded batch has distinct keys (:class:`ingest.copyenc.RecordEncoder` declines
+        any other).
 
         Python and PostgreSQL agree on key equality for every column type ingest converts to
         (int, str, Decimal, datetime, date, bool, float except NaN).
         """
+        if isinstance(rows, EncodedBatch):
+            return rows
         keys = list(map(self._key, rows))
         if len(set(keys)) == len(keys):
             return rows
@@ -210,7 +230,7 @@ class TableSink:
         """Upsert the staged batch into the target; the last occurrence of a key wins."""
         await connection.execute(self._merge_sql)
 
-    async def copy_new(self, connection: Connection, rows: Sequence[tuple[Any, ...]]) -> bool:
+    async def copy_new(self, connection: Connection, rows: Rows) -> bool:
         """Merge a batch none of whose keys is in the target yet by one plain COPY into it.
 
         The same rows as :meth:`stage` then :meth:`merge` when every key is new (an upsert of

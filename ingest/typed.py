@@ -525,6 +525,11 @@ class EnvelopePages:
         self._typed = typed
         self._decoder = decoder
 
+    @property
+    def full(self) -> TypedPages:
+        """The endpoint's full typed decoder, for pages whose records must become rows after all."""
+        return self._typed
+
     def for_parent(self, parent: Any) -> Callable[[bytes], Any]:
         return self
 

@@ -20,7 +20,6 @@ import sys
 from typing import IO, Any
 
 import asyncpg
-import orjson
 import structlog
 
 from ingest.batches import (
@@ -30,6 +29,7 @@ from ingest.batches import (
     apply_commit,
     batch_cursor,
     convert_pages,
+    decoded_page,
     load_rows,
     sink_error,
     typed_count,
@@ -51,7 +51,7 @@ from ingest.offload import (
 from ingest.pgcodecs import install_codecs
 from ingest.rows import RowBuilder
 from ingest.sink import TableSink
-from ingest.source import FetchedPage, extract_records
+from ingest.source import FetchedPage
 from ingest.state import hold_commits_shared
 from ingest.tuning import relaxed_gc
 from ingest.typed import TypedPages, typed_pages_for
@@ -72,12 +72,7 @@ class _EndpointWork:
 
     def page(self, number: int, body: bytes | None, parent: Any) -> FetchedPage:
         """The page as the run's process would have converted it: typed rows or records."""
-        records: list[Any] = []
-        if body is not None:
-            document = self.typed(body, parent) if self.typed else orjson.loads(body)
-            name = self.endpoint.name
-            records = extract_records(document, self.endpoint.records_path, name, f"page {number}")
-        return FetchedPage(number, records, None, parent=parent)
+        return decoded_page(self.endpoint, self.typed, number, body, parent)
 
 
 class _Writer:
