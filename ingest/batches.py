@@ -278,9 +278,13 @@ class BatchWriter:
         fence = state.partition.fence if state.partition is not None else None
         # Server loads stage in PostgreSQL; only Python-built rows go straight into the target.
         direct = state.merge_direct and state.server is None
+        keyed = endpoint.table.mode == "merge" and state.server is None
+        if keyed:
+            state.merge_keys.register(sequence, state.sink.key_set(rows))
         try:
             async with self.pool.acquire() as connection, connection.transaction():
                 loaded = None
+                copied_early: bool | None = None  # None: not tried before the turn
                 if state.server is not None:
                     loaded = await self._load_on_server(state, connection, pages, sequence)
                 if loaded is not None:
@@ -289,9 +293,20 @@ class BatchWriter:
                     if state.server is not None:
                         rows, rejected = convert_pages(state.builder, pages)
                         staged.written, staged.dead_letters = len(rows), len(rejected)
-                    await load_rows(connection, state.sink, rows, direct=direct)
+                    if (
+                        keyed
+                        and direct
+                        and state.merge_keys.may_copy_early(sequence, state.gate.next)
+                    ):
+                        copied_early = await state.sink.copy_new(connection, rows)
+                        if not copied_early:
+                            await state.sink.stage(connection, rows)
+                    else:
+                        await load_rows(connection, state.sink, rows, direct=direct)
                 await state.gate.wait_turn(sequence)
                 plan, cursor_max = self.plan(state, pages, staged)
+                if copied_early is not None:  # copied (nothing to merge) or staged (merge it)
+                    plan = dataclasses.replace(plan, merge=plan.merge and not copied_early)
                 known_keys = await apply_commit(
                     connection,
                     state.sink,
@@ -299,11 +314,15 @@ class BatchWriter:
                     plan,
                     rejected,
                     rows=rows,
-                    direct=direct,
+                    direct=direct and copied_early is None,
                     fence=fence,
                 )
+                known_keys = known_keys or copied_early is False
         except WRITE_ERRORS as exc:
             raise sink_error(endpoint, state.partition_key, staged.written, exc) from None
+        finally:
+            if keyed:
+                state.merge_keys.release(sequence)
         await self.committed(state, sequence, pages, staged, cursor_max, known_keys=known_keys)
 
     async def _encode(self, state: EndpointRun, pages: list[FetchedPage]) -> EncodedBatch | None:

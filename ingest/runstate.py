@@ -115,6 +115,43 @@ class CommitGate:
             self._next = sequence + 1
             self._changed.notify_all()
 
+    @property
+    def next(self) -> int:
+        """The batch whose turn it is (every batch before it has committed)."""
+        return self._next
+
+
+class MergeKeys:
+    """The keys of an endpoint's merge batches that are written or being written, not committed.
+
+    Why: a direct merge batch (every key new) may COPY into the target before its turn only if
+    no uncommitted batch before it brings one of its keys. An uncommitted insert makes a second
+    insert of the same key wait for its transaction, and an earlier batch waiting on a later
+    one, which waits for the earlier one's commit, would never finish. Every merge batch
+    registers its keys as soon as it has them, before it writes anything; a batch whose
+    earlier batches have not all registered yet, or share a key with it, COPYs at its turn.
+    """
+
+    def __init__(self) -> None:
+        self._keys: dict[int, set[Any]] = {}
+
+    def register(self, sequence: int, keys: set[Any]) -> None:
+        self._keys[sequence] = keys
+
+    def may_copy_early(self, sequence: int, first_uncommitted: int) -> bool:
+        """Whether batch ``sequence`` may COPY now: every uncommitted batch before it has
+        registered keys, and none of them is one of its own."""
+        mine = self._keys[sequence]
+        for earlier in range(first_uncommitted, sequence):
+            theirs = self._keys.get(earlier)
+            if theirs is None or not mine.isdisjoint(theirs):
+                return False
+        return True
+
+    def release(self, sequence: int) -> None:
+        """The batch committed (or failed, ending the run): its keys no longer hold anyone."""
+        self._keys.pop(sequence, None)
+
 
 @dataclass(slots=True)
 class EndpointRun:
@@ -138,6 +175,7 @@ class EndpointRun:
     cursor_max: CursorValue | None = None
     high_water: CursorValue | None = None
     gate: CommitGate = field(default_factory=CommitGate)
+    merge_keys: MergeKeys = field(default_factory=MergeKeys)
     #: Batches borrow writer processes in batch order: a batch that holds one while it waits
     #: for its commit turn then always has its predecessors holding one too (no deadlock with
     #: fewer writers than batches in flight).

@@ -226,6 +226,12 @@ class TableSink:
             return rows
         return list(dict(zip(keys, rows, strict=True)).values())
 
+    def key_set(self, rows: Rows) -> set[Any]:
+        """The primary keys ``rows`` bring (merge tables)."""
+        if isinstance(rows, EncodedBatch):
+            return set(rows.keys or ())
+        return set(map(self._key, rows))
+
     async def merge(self, connection: Connection) -> None:
         """Upsert the staged batch into the target; the last occurrence of a key wins."""
         await connection.execute(self._merge_sql)

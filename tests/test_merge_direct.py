@@ -6,6 +6,7 @@ order, whichever way each batch got there.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import asyncpg
@@ -83,3 +84,25 @@ async def test_a_key_repeated_across_batches_of_a_first_load_keeps_the_last(
     assert [row["id"] for row in rows] == list(range(1, 17))
     names = {row["id"]: row["name"] for row in rows}
     assert names[3] == "late 3" and names[7] == "late 7" and names[8] == "early 8"
+
+
+@pytest.mark.parametrize("consumers", [2, 4])
+async def test_batches_in_flight_sharing_keys_neither_wait_forever_nor_lose_the_order(
+    database: str, db: Connection, consumers: int
+) -> None:
+    """A first load whose every batch repeats keys of the two before it, with several batches
+    in flight: a batch COPYs before its turn only when no uncommitted earlier batch has one of
+    its keys (else an earlier batch could wait on a later one's uncommitted insert forever),
+    so the run ends and each key holds its last occurrence."""
+    records: list[dict[str, Any]] = []
+    for batch in range(40):
+        fresh = items(list(range(batch * 10 + 1, batch * 10 + 9)), f"batch {batch}")
+        repeats = items([max(1, batch * 10 - 5), max(1, batch * 10 - 15)], f"batch {batch}")
+        records += fresh if batch % 3 else [*fresh, *repeats]
+    async with serve(page_number_app(records, default_size=10)) as base:
+        loaded = merge_config(base, 10, consumers=consumers, queue_size=16)
+        result = await asyncio.wait_for(run(loaded, database), timeout=60)
+    assert result.endpoints["items"].records == len(records)
+    expected = {record["id"]: record["name"] for record in records}
+    rows = await db.fetch("SELECT id, name FROM items ORDER BY id")
+    assert {row["id"]: row["name"] for row in rows} == expected
