@@ -130,7 +130,13 @@ def typed_count(pages: Sequence[FetchedPage]) -> int:
 
 
 def decoded_page(
-    endpoint: Endpoint, parse: PageParser | None, number: int, body: bytes | None, parent: Any
+    endpoint: Endpoint,
+    parse: PageParser | None,
+    number: int,
+    body: bytes | None,
+    parent: Any,
+    *,
+    keep_body: bool = False,
 ) -> FetchedPage:
     """A page whose records were left as raw JSON, decoded the usual way from its body: typed
     rows or records, exactly as the run's parser would have returned them."""
@@ -138,7 +144,7 @@ def decoded_page(
     if body is not None:
         document = parse(body, parent) if parse is not None else orjson.loads(body)
         records = extract_records(document, endpoint.records_path, endpoint.name, f"page {number}")
-    return FetchedPage(number, records, None, parent=parent)
+    return FetchedPage(number, records, None, parent=parent, body=body if keep_body else None)
 
 
 def encode_natively(encoder: RecordEncoder, pages: Sequence[FetchedPage]) -> EncodedBatch | None:
@@ -147,6 +153,56 @@ def encode_natively(encoder: RecordEncoder, pages: Sequence[FetchedPage]) -> Enc
     if not all(isinstance(page.records, RawRecords) for page in pages):
         return None  # a page the envelope parser handed to orjson
     return encoder.encode([record for page in pages for record in page.records])
+
+
+def redecoded(
+    endpoint: Endpoint, parse: PageParser | None, pages: list[FetchedPage]
+) -> list[FetchedPage]:
+    """Pages the record encoder declined, decoded from their bodies as the endpoint's full
+    parser would have (typed rows or records); checkpoints and the rest as they were."""
+    return [
+        dataclasses.replace(
+            page,
+            records=decoded_page(endpoint, parse, page.number, page.body, page.parent).records,
+        )
+        if isinstance(page.records, RawRecords)
+        else page
+        for page in pages
+    ]
+
+
+@dataclass(slots=True)
+class BatchRows:
+    """A batch ready for the load phase: what to COPY, what to dead-letter, and its counts."""
+
+    rows: Rows
+    rejected: list[tuple[Any, str]]
+    staged: Staged
+
+
+def convert_batch(
+    endpoint: Endpoint,
+    builder: RowBuilder,
+    cursor: CursorKind | None,
+    pages: list[FetchedPage],
+    *,
+    encoder: RecordEncoder | None,
+    parse: PageParser | None,
+) -> BatchRows:
+    """The batch's rows: COPY bytes from the record encoder when it takes the whole batch,
+    else rows built the usual way (pages left as raw records decoded first with ``parse``,
+    the endpoint's full parser). The run's process and writer processes both use it."""
+    encoded = encode_natively(encoder, pages) if encoder is not None else None
+    if encoded is not None:
+        cursors = encoded.cursors
+        batch_max = cursor.highest(None, cursors) if cursor and cursors is not None else None
+        return BatchRows(encoded, [], Staged(len(encoded), 0, batch_max, len(pages)))
+    pages = redecoded(endpoint, parse, pages)
+    rows, rejected = convert_pages(builder, pages)
+    batch_max = batch_cursor(endpoint, cursor, pages)
+    return BatchRows(
+        rows, rejected, Staged(len(rows), len(rejected), batch_max, typed_count(pages))
+    )
 
 
 async def load_rows(connection: Connection, sink: TableSink, rows: Rows, *, direct: bool) -> None:
@@ -261,20 +317,19 @@ class BatchWriter:
         endpoint = state.endpoint
         rows: Rows = []
         rejected: list[tuple[Any, str]] = []
-        encoded = await self._encode(state, pages) if state.encoder is not None else None
-        if encoded is not None:
-            rows = encoded
-            kind = state.cursor
-            cursors = encoded.cursors
-            batch_max = kind.highest(None, cursors) if kind and cursors is not None else None
-            staged = Staged(len(rows), 0, batch_max, len(pages))
+        if state.server is None:
+            converted = convert_batch(
+                endpoint,
+                state.builder,
+                state.cursor,
+                pages,
+                encoder=await self._encoder(state),
+                parse=state.typed.full if isinstance(state.typed, EnvelopePages) else None,
+            )
+            rows, rejected, staged = converted.rows, converted.rejected, converted.staged
         else:
-            if state.encoder is not None:
-                pages = self._decoded(state, pages)
-            if state.server is None:
-                rows, rejected = convert_pages(state.builder, pages)
             batch_max = batch_cursor(endpoint, state.cursor, pages)
-            staged = Staged(len(rows), len(rejected), batch_max, typed_count(pages))
+            staged = Staged(0, 0, batch_max, typed_count(pages))
         fence = state.partition.fence if state.partition is not None else None
         # Server loads stage in PostgreSQL; only Python-built rows go straight into the target.
         direct = state.merge_direct and state.server is None
@@ -325,32 +380,15 @@ class BatchWriter:
                 state.merge_keys.release(sequence)
         await self.committed(state, sequence, pages, staged, cursor_max, known_keys=known_keys)
 
-    async def _encode(self, state: EndpointRun, pages: list[FetchedPage]) -> EncodedBatch | None:
-        """The batch straight from raw records to COPY bytes, if the encoder takes it all."""
-        assert state.encoder is not None
-        if not state.sink.target_checked:
-            async with self.pool.acquire() as connection:
-                await state.sink.target_matches(connection)
-        if not state.sink.target_checked or not state.sink.target_matched:
+    async def _encoder(self, state: EndpointRun) -> RecordEncoder | None:
+        """The endpoint's record encoder, once its target's column types are known to match."""
+        sink = state.sink
+        if state.encoder is None:
             return None
-        return encode_natively(state.encoder, pages)
-
-    @staticmethod
-    def _decoded(state: EndpointRun, pages: list[FetchedPage]) -> list[FetchedPage]:
-        """Pages the encoder declined, decoded from their bodies as the endpoint's full parser
-        would have (typed rows or records); checkpoints and the rest as they were."""
-        parse = state.typed.full if isinstance(state.typed, EnvelopePages) else None
-        return [
-            dataclasses.replace(
-                page,
-                records=decoded_page(
-                    state.endpoint, parse, page.number, page.body, page.parent
-                ).records,
-            )
-            if isinstance(page.records, RawRecords)
-            else page
-            for page in pages
-        ]
+        if not sink.target_checked:
+            async with self.pool.acquire() as connection:
+                await sink.target_matches(connection)
+        return state.encoder if sink.target_matched else None
 
     @staticmethod
     def target(state: EndpointRun) -> BatchTarget:

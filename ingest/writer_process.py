@@ -24,17 +24,17 @@ import structlog
 
 from ingest.batches import (
     WRITE_ERRORS,
+    BatchRows,
     BatchTarget,
     CommitPlan,
     apply_commit,
-    batch_cursor,
-    convert_pages,
+    convert_batch,
     decoded_page,
     load_rows,
     sink_error,
-    typed_count,
 )
 from ingest.config import Endpoint
+from ingest.copyenc import RecordEncoder
 from ingest.db import describe_dsn
 from ingest.errors import one_line
 from ingest.log import configure_logging
@@ -51,7 +51,6 @@ from ingest.offload import (
 from ingest.pgcodecs import install_codecs
 from ingest.rows import RowBuilder
 from ingest.sink import TableSink
-from ingest.source import FetchedPage
 from ingest.state import hold_commits_shared
 from ingest.tuning import relaxed_gc
 from ingest.typed import TypedPages, typed_pages_for
@@ -69,10 +68,23 @@ class _EndpointWork:
         self.builder = RowBuilder(endpoint.table)
         self.typed: TypedPages | None = typed_pages_for(endpoint, typed_decode)
         self.cursor = endpoint.incremental.kind() if endpoint.incremental else None
+        self.encoder = RecordEncoder.for_endpoint(endpoint) if self.typed is not None else None
+        self.envelope = self.typed.envelope() if self.typed is not None else None
 
-    def page(self, number: int, body: bytes | None, parent: Any) -> FetchedPage:
-        """The page as the run's process would have converted it: typed rows or records."""
-        return decoded_page(self.endpoint, self.typed, number, body, parent)
+    async def convert(self, connection: asyncpg.Connection, job: BatchJob) -> BatchRows:
+        """The job's pages converted as the run's own process would (record encoder first)."""
+        encoder = self.encoder
+        if encoder is not None and not await self.sink.target_matches(connection):
+            encoder = None
+        parse = self.envelope if encoder is not None else self.typed
+        # With the encoder: raw records, and the bodies for what it declines.
+        pages = [
+            decoded_page(self.endpoint, parse, number, body, parent, keep_body=encoder is not None)
+            for number, body, parent in job.pages
+        ]
+        return convert_batch(
+            self.endpoint, self.builder, self.cursor, pages, encoder=encoder, parse=self.typed
+        )
 
 
 class _Writer:
@@ -119,14 +131,14 @@ class _Writer:
         await transaction.start()
         try:
             await hold_commits_shared(connection, self.setup.source)
-            pages = [work.page(number, body, parent) for number, body, parent in job.pages]
-            rows, rejected = convert_pages(work.builder, pages)
-            written = len(rows)
-            batch_max = batch_cursor(work.endpoint, work.cursor, pages)
+            converted = await work.convert(connection, job)
+            rows, rejected, staged = converted.rows, converted.rejected, converted.staged
+            written, batch_max = staged.written, staged.batch_max
             await load_rows(connection, work.sink, rows, direct=job.direct)
             dumped = work.cursor.dump(batch_max) if work.cursor and batch_max is not None else None
             write_frame(
-                self.frames_out, StagedBatch(written, len(rejected), dumped, typed_count(pages))
+                self.frames_out,
+                StagedBatch(written, staged.dead_letters, dumped, staged.typed_pages),
             )
             plan = read_frame(self.frames_in)
             if not isinstance(plan, CommitPlan):  # end of file: the run's process is gone
