@@ -17,7 +17,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import structlog
+
 from ingest.config import PARENT_PREFIX, Endpoint
+
+log = structlog.get_logger("ingest.copyenc")
 
 #: rows -> the whole COPY stream, or None (asyncpg encodes this batch)
 Encode = Callable[[Sequence[tuple[Any, ...]]], bytes | None]
@@ -72,6 +76,10 @@ class EncodedBatch:
 #: What the sink writes: row tuples, or a batch the C record encoder already encoded.
 Rows = Sequence[tuple[Any, ...]] | EncodedBatch
 
+#: After this many batches in a row that the record encoder declined, it rests ...
+DECLINES_BEFORE_REST = 8
+#: ... for this many batches (converted the usual way without trying), then tries again.
+REST_BATCHES = 64
 #: Config types a merge key may have for the record encoder (it hands keys back as int/str).
 _KEY_TYPES = frozenset({"bigint", "integer", "text"})
 #: _copyenc's code for the raw record column (``store_raw``).
@@ -102,9 +110,15 @@ class RecordEncoder:
     the typed decoder stores it.
     """
 
-    def __init__(self, spec: tuple[Any, ...], keyed: bool) -> None:
+    def __init__(self, spec: tuple[Any, ...], keyed: bool, endpoint: str = "") -> None:
         self._spec = spec
         self._keyed = keyed
+        self._endpoint = endpoint
+        self._declined_in_a_row = 0
+        self._rest = 0
+        #: Batches encoded, and batches declined (converted the usual way), so far.
+        self.encoded_batches = 0
+        self.declined_batches = 0
 
     @classmethod
     def for_endpoint(cls, endpoint: Endpoint) -> RecordEncoder | None:
@@ -131,17 +145,34 @@ class RecordEncoder:
             cursor = _plain_steps(endpoint.incremental.cursor_path)
             if cursor is None:
                 return None
-        return cls((tuple(columns), keys, cursor), keyed=bool(keys))
+        return cls((tuple(columns), keys, cursor), keyed=bool(keys), endpoint=endpoint.name)
 
     def encode(self, records: Sequence[Any]) -> EncodedBatch | None:
-        """The batch's COPY stream, or None: the caller converts these records the usual way."""
+        """The batch's COPY stream, or None: the caller converts these records the usual way.
+
+        After :data:`DECLINES_BEFORE_REST` declined batches in a row it does not try for
+        :data:`REST_BATCHES` batches, so an API whose records it never takes costs a failed
+        attempt on at most ~1 batch in 9 (the attempt stops at the first value it declines).
+        """
+        if self._rest:
+            self._rest -= 1
+            self.declined_batches += 1
+            return None
         result = _encode_records(records, self._spec)
-        if result is None:
-            return None
-        data, keys, cursors = result
-        if self._keyed and keys is not None and len(set(keys)) != len(keys):
-            return None
-        return EncodedBatch(data, len(records), keys, cursors)
+        if result is not None:
+            data, keys, cursors = result
+            if not self._keyed or keys is None or len(set(keys)) == len(keys):
+                self._declined_in_a_row = 0
+                self.encoded_batches += 1
+                return EncodedBatch(data, len(records), keys, cursors)
+        self.declined_batches += 1
+        self._declined_in_a_row += 1
+        if self._declined_in_a_row == 1 and not self.encoded_batches:
+            log.info("record_encoder_declined", endpoint=self._endpoint)
+        if self._declined_in_a_row >= DECLINES_BEFORE_REST:
+            self._declined_in_a_row = 0
+            self._rest = REST_BATCHES
+        return None
 
 
 def _plain_steps(path: str) -> tuple[str, ...] | None:

@@ -251,3 +251,18 @@ def test_no_encoder_where_a_column_always_needs_python() -> None:
             }
         )
         assert RecordEncoder.for_endpoint(changed) is None, column
+
+
+def test_rests_after_eight_declined_batches_in_a_row_then_tries_again() -> None:
+    encoder = RecordEncoder.for_endpoint(_endpoint("append", False))
+    assert encoder is not None
+    good = msgspec.json.decode(b'[{"id": 1}]', type=list[msgspec.Raw])
+    bad = msgspec.json.decode(b'[{"id": "1"}]', type=list[msgspec.Raw])
+    assert encoder.encode(good) is not None
+    for _ in range(copyenc.DECLINES_BEFORE_REST):
+        assert encoder.encode(bad) is None
+    for _ in range(copyenc.REST_BATCHES):
+        assert encoder.encode(good) is None  # resting: not even tried
+    assert encoder.encode(good) is not None
+    assert encoder.encoded_batches == 2
+    assert encoder.declined_batches == copyenc.DECLINES_BEFORE_REST + copyenc.REST_BATCHES
