@@ -42,7 +42,10 @@ enum kind {
 /* days_from_civil(2000, 1, 1) */
 #define PG_EPOCH_DAYS INT64_C(10957)
 
+/* The COPY stream being written, in the bytes object that will be returned: one allocation
+ * per batch (grown by doubling, shrunk to size at the end), no copy. */
 typedef struct {
+    PyObject *bytes;
     char *data;
     size_t size;
     size_t capacity;
@@ -60,14 +63,23 @@ static int reserve(buffer *out, size_t more) {
         }
         capacity *= 2;
     }
-    char *grown = PyMem_Realloc(out->data, capacity);
-    if (grown == NULL) {
-        PyErr_NoMemory();
-        return -1;
+    if (out->bytes == NULL) {
+        out->bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)capacity);
+        if (out->bytes == NULL) return -1;
+    } else if (_PyBytes_Resize(&out->bytes, (Py_ssize_t)capacity) < 0) {
+        return -1; /* the bytes object is freed and out->bytes is NULL */
     }
-    out->data = grown;
+    out->data = PyBytes_AS_STRING(out->bytes);
     out->capacity = capacity;
     return 0;
+}
+
+/* The written stream as bytes (the buffer gives it up), or NULL with an error set. */
+static PyObject *finish(buffer *out) {
+    PyObject *result = out->bytes;
+    out->bytes = NULL;
+    if (result != NULL && _PyBytes_Resize(&result, (Py_ssize_t)out->size) < 0) return NULL;
+    return result;
 }
 
 static inline void put_u16(buffer *out, uint16_t value) {
@@ -262,7 +274,7 @@ static PyObject *encode(PyObject *module, PyObject *args) {
     if (rows == NULL) {
         return NULL;
     }
-    buffer out = {NULL, 0, 0};
+    buffer out = {NULL, NULL, 0, 0};
     int status = 0;
     if (reserve(&out, sizeof SIGNATURE + 8) < 0) {
         status = -1;
@@ -301,11 +313,11 @@ done:
     Py_DECREF(rows);
     PyObject *result = NULL;
     if (status == 0) {
-        result = PyBytes_FromStringAndSize(out.data, (Py_ssize_t)out.size);
+        result = finish(&out);
     } else if (status == 1) {
         result = Py_NewRef(Py_None);
     }
-    PyMem_Free(out.data);
+    Py_XDECREF(out.bytes);
     return result;
 }
 
@@ -1291,7 +1303,7 @@ static PyObject *encode_records(PyObject *module, PyObject *args) {
     PyObject **items = PySequence_Fast_ITEMS(records);
     PyObject *keys = spec.key_count ? PyList_New(count) : NULL;
     PyObject *cursors = spec.cursor_slot >= 0 ? PyList_New(count) : NULL;
-    buffer out = {NULL, 0, 0};
+    buffer out = {NULL, NULL, 0, 0};
     int status = 0;
     if ((spec.key_count && keys == NULL) || (spec.cursor_slot >= 0 && cursors == NULL)) {
         status = -1;
@@ -1384,7 +1396,7 @@ done:
     free_spec(&spec);
     PyObject *result = NULL;
     if (status == 0) {
-        PyObject *data = PyBytes_FromStringAndSize(out.data, (Py_ssize_t)out.size);
+        PyObject *data = finish(&out);
         if (data != NULL) {
             result = Py_BuildValue("(NOO)", data, keys ? keys : Py_None,
                                    cursors ? cursors : Py_None);
@@ -1394,7 +1406,7 @@ done:
     }
     Py_XDECREF(keys);
     Py_XDECREF(cursors);
-    PyMem_Free(out.data);
+    Py_XDECREF(out.bytes);
     return result;
 }
 
