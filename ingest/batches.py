@@ -327,6 +327,9 @@ class BatchWriter:
                 parse=state.typed.full if isinstance(state.typed, EnvelopePages) else None,
             )
             rows, rejected, staged = converted.rows, converted.rejected, converted.staged
+            # The records and bodies are in `rows` now; what waits for the turn needs only the
+            # pages' checkpoints. In place: the consumer's list would keep them alive otherwise.
+            pages[:] = [dataclasses.replace(page, records=(), body=None) for page in pages]
         else:
             batch_max = batch_cursor(endpoint, state.cursor, pages)
             staged = Staged(0, 0, batch_max, typed_count(pages))
