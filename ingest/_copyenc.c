@@ -134,6 +134,66 @@ static int utc_offset(PyObject *value, int64_t *micros) {
     return 0;
 }
 
+/* The typed values both encoders write; 0 = written, 1 = refuse, -1 = error set. */
+static int put_integer(buffer *out, int kind, int64_t number) {
+    if (kind == K_BIGINT) {
+        if (reserve(out, 12) < 0) return -1;
+        put_u32(out, 8);
+        put_u64(out, (uint64_t)number);
+        return 0;
+    }
+    if (number < INT32_MIN || number > INT32_MAX) return 1;
+    if (reserve(out, 8) < 0) return -1;
+    put_u32(out, 4);
+    put_u32(out, (uint32_t)(int32_t)number);
+    return 0;
+}
+
+static int put_double(buffer *out, double number) {
+    uint64_t bits;
+    memcpy(&bits, &number, sizeof bits);
+    if (reserve(out, 12) < 0) return -1;
+    put_u32(out, 8);
+    put_u64(out, bits);
+    return 0;
+}
+
+static int put_boolean(buffer *out, int flag) {
+    if (reserve(out, 5) < 0) return -1;
+    put_u32(out, 1);
+    out->data[out->size++] = (char)(flag != 0);
+    return 0;
+}
+
+/* Microseconds since 2000-01-01 UTC; asyncpg's infinity sentinels mapped as it maps them. */
+static int put_micros(buffer *out, int64_t micros) {
+    if (micros == INFINITY_MICROS) {
+        micros = PG_INFINITY_MICROS;
+    } else if (micros == NEG_INFINITY_MICROS) {
+        micros = PG_NEG_INFINITY_MICROS;
+    }
+    if (reserve(out, 12) < 0) return -1;
+    put_u32(out, 8);
+    put_u64(out, (uint64_t)micros);
+    return 0;
+}
+
+/* A valid date; date.max/min are PostgreSQL's +/-infinity, as asyncpg sends them. */
+static int put_date(buffer *out, int year, int month, int day) {
+    int32_t days;
+    if (year == 9999 && month == 12 && day == 31) {
+        days = PG_DATE_INFINITY;
+    } else if (year == 1 && month == 1 && day == 1) {
+        days = PG_DATE_NEG_INFINITY;
+    } else {
+        days = (int32_t)(days_from_civil(year, month, day) - PG_EPOCH_DAYS);
+    }
+    if (reserve(out, 8) < 0) return -1;
+    put_u32(out, 4);
+    put_u32(out, (uint32_t)days);
+    return 0;
+}
+
 /* One value; 0 = written, 1 = refuse (asyncpg decides), -1 = error set. */
 static int put_value(buffer *out, int kind, PyObject *value) {
     if (value == Py_None) {
@@ -167,35 +227,14 @@ static int put_value(buffer *out, int kind, PyObject *value) {
         long long number = PyLong_AsLongLongAndOverflow(value, &overflow);
         if (overflow) return 1;
         if (number == -1 && PyErr_Occurred()) return -1;
-        if (kind == K_BIGINT) {
-            if (reserve(out, 12) < 0) return -1;
-            put_u32(out, 8);
-            put_u64(out, (uint64_t)number);
-        } else {
-            if (number < INT32_MIN || number > INT32_MAX) return 1;
-            if (reserve(out, 8) < 0) return -1;
-            put_u32(out, 4);
-            put_u32(out, (uint32_t)(int32_t)number);
-        }
-        return 0;
+        return put_integer(out, kind, number);
     }
-    case K_DOUBLE: {
+    case K_DOUBLE:
         if (!PyFloat_CheckExact(value)) return 1;
-        double number = PyFloat_AS_DOUBLE(value);
-        uint64_t bits;
-        memcpy(&bits, &number, sizeof bits);
-        if (reserve(out, 12) < 0) return -1;
-        put_u32(out, 8);
-        put_u64(out, bits);
-        return 0;
-    }
-    case K_BOOLEAN: {
+        return put_double(out, PyFloat_AS_DOUBLE(value));
+    case K_BOOLEAN:
         if (value != Py_True && value != Py_False) return 1;
-        if (reserve(out, 5) < 0) return -1;
-        put_u32(out, 1);
-        out->data[out->size++] = value == Py_True;
-        return 0;
-    }
+        return put_boolean(out, value == Py_True);
     case K_TIMESTAMPTZ: {
         if (!PyDateTime_CheckExact(value)) return 1;
         if (PyDateTime_DATE_GET_TZINFO(value) == Py_None) {
@@ -209,35 +248,12 @@ static int put_value(buffer *out, int kind, PyObject *value) {
         int64_t seconds = days * 86400 + PyDateTime_DATE_GET_HOUR(value) * 3600 +
                           PyDateTime_DATE_GET_MINUTE(value) * 60 +
                           PyDateTime_DATE_GET_SECOND(value);
-        int64_t micros = seconds * 1000000 + PyDateTime_DATE_GET_MICROSECOND(value) - offset;
-        if (micros == INFINITY_MICROS) {
-            micros = PG_INFINITY_MICROS;
-        } else if (micros == NEG_INFINITY_MICROS) {
-            micros = PG_NEG_INFINITY_MICROS;
-        }
-        if (reserve(out, 12) < 0) return -1;
-        put_u32(out, 8);
-        put_u64(out, (uint64_t)micros);
-        return 0;
+        return put_micros(out, seconds * 1000000 + PyDateTime_DATE_GET_MICROSECOND(value) - offset);
     }
-    case K_DATE: {
+    case K_DATE:
         if (!PyDate_CheckExact(value)) return 1;
-        int year = PyDateTime_GET_YEAR(value);
-        int month = PyDateTime_GET_MONTH(value);
-        int day = PyDateTime_GET_DAY(value);
-        int32_t days;
-        if (year == 9999 && month == 12 && day == 31) {
-            days = PG_DATE_INFINITY;
-        } else if (year == 1 && month == 1 && day == 1) {
-            days = PG_DATE_NEG_INFINITY;
-        } else {
-            days = (int32_t)(days_from_civil(year, month, day) - PG_EPOCH_DAYS);
-        }
-        if (reserve(out, 8) < 0) return -1;
-        put_u32(out, 4);
-        put_u32(out, (uint32_t)days);
-        return 0;
-    }
+        return put_date(out, PyDateTime_GET_YEAR(value), PyDateTime_GET_MONTH(value),
+                        PyDateTime_GET_DAY(value));
     default:
         return 1;
     }
@@ -883,16 +899,6 @@ static int parse_double(const char *p, Py_ssize_t length, double *value) {
     return 1;
 }
 
-static void put_micros(buffer *out, int64_t micros) {
-    if (micros == INFINITY_MICROS) {
-        micros = PG_INFINITY_MICROS;
-    } else if (micros == NEG_INFINITY_MICROS) {
-        micros = PG_NEG_INFINITY_MICROS;
-    }
-    put_u32(out, 8);
-    put_u64(out, (uint64_t)micros);
-}
-
 /* One column's value from its span; 0 = written, 1 = refuse, -1 = error. */
 static int put_json_value(buffer *out, int kind, int required, const span *value) {
     if (value->token == T_MISSING || value->token == T_NULL) {
@@ -928,60 +934,29 @@ static int put_json_value(buffer *out, int kind, int required, const span *value
         int64_t number;
         if (value->token != T_INT || !parse_int64(value->start, value->length, &number))
             return 1;
-        if (kind == K_BIGINT) {
-            if (reserve(out, 12) < 0) return -1;
-            put_u32(out, 8);
-            put_u64(out, (uint64_t)number);
-        } else {
-            if (number < INT32_MIN || number > INT32_MAX) return 1;
-            if (reserve(out, 8) < 0) return -1;
-            put_u32(out, 4);
-            put_u32(out, (uint32_t)(int32_t)number);
-        }
-        return 0;
+        return put_integer(out, kind, number);
     }
     case K_DOUBLE: {
         double number;
         if (value->token != T_INT && value->token != T_FLOAT) return 1;
         if (value->token == T_INT && value->length > 18) return 1;
         if (!parse_double(value->start, value->length, &number)) return 1;
-        uint64_t bits;
-        memcpy(&bits, &number, sizeof bits);
-        if (reserve(out, 12) < 0) return -1;
-        put_u32(out, 8);
-        put_u64(out, bits);
-        return 0;
+        return put_double(out, number);
     }
     case K_BOOLEAN:
         if (value->token != T_TRUE && value->token != T_FALSE) return 1;
-        if (reserve(out, 5) < 0) return -1;
-        put_u32(out, 1);
-        out->data[out->size++] = value->token == T_TRUE;
-        return 0;
+        return put_boolean(out, value->token == T_TRUE);
     case K_TIMESTAMPTZ: {
         int64_t micros;
         if (value->token != T_STR || (value->flags & F_ESCAPE)) return 1;
         if (!parse_timestamp(value->start + 1, value->length - 2, &micros)) return 1;
-        if (reserve(out, 12) < 0) return -1;
-        put_micros(out, micros);
-        return 0;
+        return put_micros(out, micros);
     }
     case K_DATE: {
         int year, month, day;
         if (value->token != T_STR || (value->flags & F_ESCAPE) || value->length != 12) return 1;
         if (!parse_date_at(value->start + 1, &year, &month, &day)) return 1;
-        int32_t days;
-        if (year == 9999 && month == 12 && day == 31) {
-            days = PG_DATE_INFINITY;
-        } else if (year == 1 && month == 1 && day == 1) {
-            days = PG_DATE_NEG_INFINITY;
-        } else {
-            days = (int32_t)(days_from_civil(year, month, day) - PG_EPOCH_DAYS);
-        }
-        if (reserve(out, 8) < 0) return -1;
-        put_u32(out, 4);
-        put_u32(out, (uint32_t)days);
-        return 0;
+        return put_date(out, year, month, day);
     }
     case K_JSONB:
     case K_RAW: {
