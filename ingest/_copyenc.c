@@ -16,7 +16,11 @@
 #include <Python.h>
 #include <datetime.h>
 #include <stdint.h>
+#include <locale.h>
 #include <math.h>
+#ifdef __APPLE__
+#include <xlocale.h>
+#endif
 #include <string.h>
 
 enum kind {
@@ -49,6 +53,8 @@ typedef struct {
     char *data;
     size_t size;
     size_t capacity;
+    /* raw: plain memory (PyMem_Raw*), usable without the GIL; a failure sets no exception */
+    int raw;
 } buffer;
 
 static int reserve(buffer *out, size_t more) {
@@ -58,18 +64,22 @@ static int reserve(buffer *out, size_t more) {
     size_t capacity = out->capacity ? out->capacity : 65536;
     while (capacity < out->size + more) {
         if (capacity > ((size_t)PY_SSIZE_T_MAX) / 2) {
-            PyErr_NoMemory();
+            if (!out->raw) PyErr_NoMemory();
             return -1;
         }
         capacity *= 2;
     }
-    if (out->bytes == NULL) {
+    if (out->raw) {
+        char *grown = PyMem_RawRealloc(out->data, capacity);
+        if (grown == NULL) return -1;
+        out->data = grown;
+    } else if (out->bytes == NULL) {
         out->bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)capacity);
         if (out->bytes == NULL) return -1;
     } else if (_PyBytes_Resize(&out->bytes, (Py_ssize_t)capacity) < 0) {
         return -1; /* the bytes object is freed and out->bytes is NULL */
     }
-    out->data = PyBytes_AS_STRING(out->bytes);
+    if (!out->raw) out->data = PyBytes_AS_STRING(out->bytes);
     out->capacity = capacity;
     return 0;
 }
@@ -290,7 +300,7 @@ static PyObject *encode(PyObject *module, PyObject *args) {
     if (rows == NULL) {
         return NULL;
     }
-    buffer out = {NULL, NULL, 0, 0};
+    buffer out = {NULL, NULL, 0, 0, 0};
     int status = 0;
     if (reserve(&out, sizeof SIGNATURE + 8) < 0) {
         status = -1;
@@ -882,19 +892,20 @@ static int fast_double(const char *p, Py_ssize_t length, double *value) {
     return 1;
 }
 
-/* A number token as Python's float() reads it; 0 = refuse (too long, or not finite). */
+/* The "C" locale, so a decimal point is a point whatever the process's locale. */
+static locale_t C_LOCALE;
+
+/* A number token as Python's float() reads it (both correctly rounded); 0 = refuse (too long,
+   or not finite). Needs no GIL. */
 static int parse_double(const char *p, Py_ssize_t length, double *value) {
     if (fast_double(p, length, value)) return 1;
     char text[64];
     if (length >= (Py_ssize_t)sizeof text) return 0;
     memcpy(text, p, (size_t)length);
     text[length] = '\0';
-    double number = PyOS_string_to_double(text, NULL, NULL);
-    if (number == -1.0 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return 0;
-    }
-    if (!isfinite(number)) return 0;
+    char *end;
+    double number = strtod_l(text, &end, C_LOCALE);
+    if (end != text + length || !isfinite(number)) return 0;
     *value = number;
     return 1;
 }
@@ -1259,6 +1270,58 @@ PyDoc_STRVAR(encode_records_doc,
 "the primary key values (a list, tuples for composite keys, or None without a key) and the\n"
 "cursor values (a list or None); None when any record needs the Python path.");
 
+/* One record into out; its key and cursor spans into kept. 0 ok, 1 refuse, -1 no memory.
+   Touches no Python object: runs without the GIL. */
+static int encode_one(record_spec *spec, buffer *out, const char *start, const char *end,
+                      span *kept) {
+    start = skip_ws(start, end);
+    for (int slot = 0; slot < spec->tree.slot_count; slot++)
+        spec->tree.slots[slot].token = T_MISSING;
+    int flags = 0;
+    const char *after = NULL;
+    int status = read_object(&spec->tree, 0, start, end, 0, &flags, &after);
+    if (status == 0 && skip_ws(after, end) != end) status = 1;
+    if (status == 0 && reserve(out, 2) < 0) status = -1;
+    if (status == 0) put_u16(out, (uint16_t)spec->columns);
+    for (int column = 0; column < spec->columns && status == 0; column++) {
+        int slot = spec->column_slot[column];
+        if (slot < 0) {
+            span whole = {start, after - start, T_OBJ, flags};
+            status = put_json_value(out, K_RAW, 0, &whole);
+        } else {
+            status = put_json_value(out, spec->column_kind[column], spec->column_required[column],
+                                    &spec->tree.slots[slot]);
+        }
+    }
+    if (status == 0) {
+        for (int i = 0; i < spec->key_count; i++)
+            *kept++ = spec->tree.slots[spec->column_slot[spec->key_columns[i]]];
+        if (spec->cursor_slot >= 0) *kept = spec->tree.slots[spec->cursor_slot];
+    }
+    return status;
+}
+
+/* The key (or, with several key columns, the tuple) a record's kept spans hold; NULL without
+   an error set: refuse. */
+static PyObject *key_object(const record_spec *spec, const span *kept) {
+    if (spec->key_count == 1)
+        return value_object(spec->column_kind[spec->key_columns[0]], kept);
+    PyObject *key = PyTuple_New(spec->key_count);
+    for (int i = 0; key != NULL && i < spec->key_count; i++) {
+        PyObject *part = value_object(spec->column_kind[spec->key_columns[i]], &kept[i]);
+        if (part == NULL) {
+            Py_CLEAR(key);
+            break;
+        }
+        PyTuple_SET_ITEM(key, i, part);
+    }
+    return key;
+}
+
+/* Three phases, so that the parse, the bulk of the work, runs without the GIL (a caller in
+   another thread then truly runs beside the event loop): take the records' buffers; parse and
+   write every record into plain memory, keeping the key and cursor spans; build the Python
+   objects (keys, cursors, the bytes). */
 static PyObject *encode_records(PyObject *module, PyObject *args) {
     (void)module;
     PyObject *records_arg, *spec_arg;
@@ -1276,88 +1339,42 @@ static PyObject *encode_records(PyObject *module, PyObject *args) {
     }
     Py_ssize_t count = PySequence_Fast_GET_SIZE(records);
     PyObject **items = PySequence_Fast_ITEMS(records);
-    PyObject *keys = spec.key_count ? PyList_New(count) : NULL;
-    PyObject *cursors = spec.cursor_slot >= 0 ? PyList_New(count) : NULL;
-    buffer out = {NULL, NULL, 0, 0};
+    int per_record = spec.key_count + (spec.cursor_slot >= 0);
+    Py_buffer *views = PyMem_Calloc((size_t)count + 1, sizeof(Py_buffer));
+    span *kept = PyMem_Calloc((size_t)count * (size_t)per_record + 1, sizeof(span));
+    Py_ssize_t taken = 0;
+    buffer out = {NULL, NULL, 0, 0, 1};
+    PyObject *keys = NULL, *cursors = NULL, *result = NULL;
     int status = 0;
-    if ((spec.key_count && keys == NULL) || (spec.cursor_slot >= 0 && cursors == NULL)) {
+    if (views == NULL || kept == NULL) {
+        PyErr_NoMemory();
         status = -1;
         goto done;
     }
+    for (; taken < count; taken++) {
+        if (PyObject_GetBuffer(items[taken], &views[taken], PyBUF_SIMPLE) < 0) {
+            status = -1;
+            goto done;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
     if (reserve(&out, sizeof SIGNATURE + 8) < 0) {
         status = -1;
-        goto done;
+    } else {
+        memcpy(out.data, SIGNATURE, sizeof SIGNATURE);
+        out.size = sizeof SIGNATURE;
+        put_u32(&out, 0);
+        put_u32(&out, 0);
     }
-    memcpy(out.data, SIGNATURE, sizeof SIGNATURE);
-    out.size = sizeof SIGNATURE;
-    put_u32(&out, 0);
-    put_u32(&out, 0);
     for (Py_ssize_t index = 0; index < count && status == 0; index++) {
-        Py_buffer view;
-        if (PyObject_GetBuffer(items[index], &view, PyBUF_SIMPLE) < 0) {
-            status = -1;
-            break;
-        }
-        const char *start = view.buf;
-        const char *end = start + view.len;
-        start = skip_ws(start, end);
-        for (int slot = 0; slot < spec.tree.slot_count; slot++)
-            spec.tree.slots[slot].token = T_MISSING;
-        int flags = 0;
-        const char *after = NULL;
-        status = read_object(&spec.tree, 0, start, end, 0, &flags, &after);
-        if (status == 0 && skip_ws(after, end) != end) status = 1;
-        if (status == 0 && index == 1 && count > 2) {
+        const char *start = views[index].buf;
+        status = encode_one(&spec, &out, start, start + views[index].len,
+                            kept + index * per_record);
+        if (status == 0 && index == 0 && count > 2) {
             /* the rest of the batch at about the first record's size: one allocation */
             size_t first = out.size - (sizeof SIGNATURE + 8);
             if (reserve(&out, (first + first / 4 + 16) * (size_t)(count - 1)) < 0) status = -1;
         }
-        if (status == 0 && reserve(&out, 2) < 0) status = -1;
-        if (status == 0) put_u16(&out, (uint16_t)spec.columns);
-        for (int column = 0; column < spec.columns && status == 0; column++) {
-            int slot = spec.column_slot[column];
-            if (slot < 0) {
-                span whole = {start, after - start, T_OBJ, flags};
-                status = put_json_value(&out, K_RAW, 0, &whole);
-            } else {
-                status = put_json_value(&out, spec.column_kind[column],
-                                        spec.column_required[column], &spec.tree.slots[slot]);
-            }
-        }
-        if (status == 0 && keys != NULL) {
-            PyObject *key;
-            if (spec.key_count == 1) {
-                int column = spec.key_columns[0];
-                key = value_object(spec.column_kind[column],
-                                   &spec.tree.slots[spec.column_slot[column]]);
-            } else {
-                key = PyTuple_New(spec.key_count);
-                for (int i = 0; key != NULL && i < spec.key_count; i++) {
-                    int column = spec.key_columns[i];
-                    PyObject *part = value_object(spec.column_kind[column],
-                                                  &spec.tree.slots[spec.column_slot[column]]);
-                    if (part == NULL) {
-                        Py_CLEAR(key);
-                        break;
-                    }
-                    PyTuple_SET_ITEM(key, i, part);
-                }
-            }
-            if (key == NULL) {
-                status = PyErr_Occurred() ? -1 : 1;
-            } else {
-                PyList_SET_ITEM(keys, index, key);
-            }
-        }
-        if (status == 0 && cursors != NULL) {
-            PyObject *cursor = value_object(K_CURSOR, &spec.tree.slots[spec.cursor_slot]);
-            if (cursor == NULL) {
-                status = PyErr_Occurred() ? -1 : 1;
-            } else {
-                PyList_SET_ITEM(cursors, index, cursor);
-            }
-        }
-        PyBuffer_Release(&view);
     }
     if (status == 0) {
         if (reserve(&out, 2) < 0) {
@@ -1366,12 +1383,38 @@ static PyObject *encode_records(PyObject *module, PyObject *args) {
             put_u16(&out, UINT16_C(0xFFFF));
         }
     }
-done:
-    Py_DECREF(records);
-    free_spec(&spec);
-    PyObject *result = NULL;
+    Py_END_ALLOW_THREADS
+    if (status < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (status == 0 && spec.key_count) {
+        keys = PyList_New(count);
+        for (Py_ssize_t index = 0; keys != NULL && index < count && status == 0; index++) {
+            PyObject *key = key_object(&spec, kept + index * per_record);
+            if (key == NULL) {
+                status = PyErr_Occurred() ? -1 : 1;
+            } else {
+                PyList_SET_ITEM(keys, index, key);
+            }
+        }
+        if (keys == NULL) status = -1;
+    }
+    if (status == 0 && spec.cursor_slot >= 0) {
+        cursors = PyList_New(count);
+        for (Py_ssize_t index = 0; cursors != NULL && index < count && status == 0; index++) {
+            PyObject *cursor =
+                value_object(K_CURSOR, &kept[index * per_record + spec.key_count]);
+            if (cursor == NULL) {
+                status = PyErr_Occurred() ? -1 : 1;
+            } else {
+                PyList_SET_ITEM(cursors, index, cursor);
+            }
+        }
+        if (cursors == NULL) status = -1;
+    }
     if (status == 0) {
-        PyObject *data = finish(&out);
+        PyObject *data = PyBytes_FromStringAndSize(out.data, (Py_ssize_t)out.size);
         if (data != NULL) {
             result = Py_BuildValue("(NOO)", data, keys ? keys : Py_None,
                                    cursors ? cursors : Py_None);
@@ -1379,9 +1422,15 @@ done:
     } else if (status == 1) {
         result = Py_NewRef(Py_None);
     }
+done:
+    for (Py_ssize_t index = 0; index < taken; index++) PyBuffer_Release(&views[index]);
+    PyMem_Free(views);
+    PyMem_Free(kept);
+    PyMem_RawFree(out.data);
+    Py_DECREF(records);
+    free_spec(&spec);
     Py_XDECREF(keys);
     Py_XDECREF(cursors);
-    Py_XDECREF(out.bytes);
     return result;
 }
 
@@ -1393,6 +1442,13 @@ static PyMethodDef methods[] = {
 
 static int exec_module(PyObject *module) {
     init_plain();
+    if (C_LOCALE == (locale_t)0) {
+        C_LOCALE = newlocale(LC_ALL_MASK, "C", (locale_t)0);
+        if (C_LOCALE == (locale_t)0) {
+            PyErr_SetString(PyExc_OSError, "newlocale(\"C\") failed");
+            return -1;
+        }
+    }
     PyDateTime_IMPORT;
     if (PyDateTimeAPI == NULL) {
         return -1;

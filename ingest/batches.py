@@ -147,12 +147,12 @@ def decoded_page(
     return FetchedPage(number, records, None, parent=parent, body=body if keep_body else None)
 
 
-def encode_natively(encoder: RecordEncoder, pages: Sequence[FetchedPage]) -> EncodedBatch | None:
-    """The batch as binary COPY bytes straight from its raw records, or None (see
-    :class:`ingest.copyenc.RecordEncoder`): then the pages are decoded the usual way."""
+def raw_records(pages: Sequence[FetchedPage]) -> list[Any] | None:
+    """The batch's records as raw JSON text, for the record encoder; None if a page has other
+    records (one the envelope parser handed to orjson, say)."""
     if not all(isinstance(page.records, RawRecords) for page in pages):
-        return None  # a page the envelope parser handed to orjson
-    return encoder.encode([record for page in pages for record in page.records])
+        return None
+    return [record for page in pages for record in page.records]
 
 
 def redecoded(
@@ -186,13 +186,12 @@ def convert_batch(
     cursor: CursorKind | None,
     pages: list[FetchedPage],
     *,
-    encoder: RecordEncoder | None,
+    encoded: EncodedBatch | None,
     parse: PageParser | None,
 ) -> BatchRows:
-    """The batch's rows: COPY bytes from the record encoder when it takes the whole batch,
-    else rows built the usual way (pages left as raw records decoded first with ``parse``,
-    the endpoint's full parser). The run's process and writer processes both use it."""
-    encoded = encode_natively(encoder, pages) if encoder is not None else None
+    """The batch's rows: ``encoded``, the record encoder's COPY bytes when it took the whole
+    batch, else rows built the usual way (pages left as raw records decoded first with
+    ``parse``, the endpoint's full parser). The run's process and writer processes both use it."""
     if encoded is not None:
         cursors = encoded.cursors
         batch_max = cursor.highest(None, cursors) if cursor and cursors is not None else None
@@ -318,12 +317,16 @@ class BatchWriter:
         rows: Rows = []
         rejected: list[tuple[Any, str]] = []
         if state.server is None:
+            encoder = await self._encoder(state)
+            records = raw_records(pages) if encoder is not None else None
             converted = convert_batch(
                 endpoint,
                 state.builder,
                 state.cursor,
                 pages,
-                encoder=await self._encoder(state),
+                encoded=await encoder.encode_beside(records)
+                if encoder is not None and records is not None
+                else None,
                 parse=state.typed.full if isinstance(state.typed, EnvelopePages) else None,
             )
             rows, rejected, staged = converted.rows, converted.rejected, converted.staged

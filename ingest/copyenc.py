@@ -14,6 +14,7 @@ binary COPY sends bytes for a type: asyncpg adapts to the table's actual types, 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -154,17 +155,34 @@ class RecordEncoder:
         :data:`REST_BATCHES` batches, so an API whose records it never takes costs a failed
         attempt on at most ~1 batch in 9 (the attempt stops at the first value it declines).
         """
-        if self._rest:
-            self._rest -= 1
-            self.declined_batches += 1
+        if self._resting():
             return None
-        result = _encode_records(records, self._spec)
+        return self._finish(_encode_records(records, self._spec), len(records))
+
+    async def encode_beside(self, records: Sequence[Any]) -> EncodedBatch | None:
+        """:meth:`encode` with the parse in a worker thread. The C code parses without the GIL,
+        so meanwhile the event loop goes on fetching and reading pages, on the other core."""
+        if self._resting():
+            return None
+        result = await asyncio.to_thread(_encode_records, records, self._spec)
+        return self._finish(result, len(records))
+
+    def _resting(self) -> bool:
+        if not self._rest:
+            return False
+        self._rest -= 1
+        self.declined_batches += 1
+        return True
+
+    def _finish(
+        self, result: tuple[bytes, list[Any] | None, list[Any] | None] | None, count: int
+    ) -> EncodedBatch | None:
         if result is not None:
             data, keys, cursors = result
             if not self._keyed or keys is None or len(set(keys)) == len(keys):
                 self._declined_in_a_row = 0
                 self.encoded_batches += 1
-                return EncodedBatch(data, len(records), keys, cursors)
+                return EncodedBatch(data, count, keys, cursors)
         self.declined_batches += 1
         self._declined_in_a_row += 1
         if self._declined_in_a_row == 1 and not self.encoded_batches:

@@ -31,6 +31,7 @@ from ingest.batches import (
     convert_batch,
     decoded_page,
     load_rows,
+    raw_records,
     sink_error,
 )
 from ingest.config import Endpoint
@@ -82,8 +83,10 @@ class _EndpointWork:
             decoded_page(self.endpoint, parse, number, body, parent, keep_body=encoder is not None)
             for number, body, parent in job.pages
         ]
+        records = raw_records(pages) if encoder is not None else None
+        encoded = encoder.encode(records) if encoder is not None and records is not None else None
         return convert_batch(
-            self.endpoint, self.builder, self.cursor, pages, encoder=encoder, parse=self.typed
+            self.endpoint, self.builder, self.cursor, pages, encoded=encoded, parse=self.typed
         )
 
 
