@@ -12,6 +12,7 @@ encoder must have declined. A run with ``typed_decode`` on and off then loads th
 from __future__ import annotations
 
 import random
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import asyncpg
@@ -266,3 +267,25 @@ def test_rests_after_eight_declined_batches_in_a_row_then_tries_again() -> None:
     assert encoder.encode(good) is not None
     assert encoder.encoded_batches == 2
     assert encoder.declined_batches == copyenc.DECLINES_BEFORE_REST + copyenc.REST_BATCHES
+
+
+def test_threads_encoding_at_once_get_what_one_thread_gets() -> None:
+    """The parse runs without the GIL (``encode_beside`` puts it in a worker thread): calls in
+    several threads at once share nothing but read-only tables."""
+    encoder = RecordEncoder.for_endpoint(_endpoint("merge", False))
+    assert encoder is not None
+    pick = random.Random(7)
+    bodies = [_record(pick) for _ in range(400)]
+    good = []
+    for body in bodies:
+        try:
+            raw = msgspec.json.decode(b"[" + body + b"]", type=list[msgspec.Raw])
+        except msgspec.DecodeError:
+            continue
+        if encoder.encode(raw) is not None and raw[0] not in good:
+            good.extend(raw)
+    batch = list({bytes(record): record for record in good}.values())[:50]
+    expected = copyenc._encode_records(batch, encoder._spec)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: copyenc._encode_records(batch, encoder._spec), range(64)))
+    assert all(result == expected for result in results)
