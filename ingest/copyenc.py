@@ -56,19 +56,26 @@ def binary_encoder(column_types: Sequence[str]) -> Encode | None:
 class EncodedBatch:
     """A batch already in binary COPY form (the rows never existed as Python objects).
 
-    ``keys`` holds each record's primary key (merge tables; all distinct), ``cursors`` each
-    record's incremental cursor value as plain JSON (incremental endpoints), else None.
+    ``keys`` holds each record's primary key (merge tables; all distinct) and ``key_set`` the
+    same as a set, ``cursors`` each record's incremental cursor value as plain JSON
+    (incremental endpoints), else None.
     """
 
-    __slots__ = ("count", "cursors", "data", "keys")
+    __slots__ = ("count", "cursors", "data", "key_set", "keys")
 
     def __init__(
-        self, data: bytes, count: int, keys: list[Any] | None, cursors: list[Any] | None
+        self,
+        data: bytes,
+        count: int,
+        keys: list[Any] | None,
+        cursors: list[Any] | None,
+        key_set: set[Any] | None = None,
     ) -> None:
         self.data = data
         self.count = count
         self.keys = keys
         self.cursors = cursors
+        self.key_set = key_set if key_set is not None else set(keys or ())
 
     def __len__(self) -> int:
         return self.count
@@ -179,10 +186,11 @@ class RecordEncoder:
     ) -> EncodedBatch | None:
         if result is not None:
             data, keys, cursors = result
-            if not self._keyed or keys is None or len(set(keys)) == len(keys):
+            distinct = set(keys or ())
+            if not self._keyed or keys is None or len(distinct) == len(keys):
                 self._declined_in_a_row = 0
                 self.encoded_batches += 1
-                return EncodedBatch(data, count, keys, cursors)
+                return EncodedBatch(data, count, keys, cursors, distinct)
         self.declined_batches += 1
         self._declined_in_a_row += 1
         if self._declined_in_a_row == 1 and not self.encoded_batches:

@@ -229,7 +229,7 @@ class TableSink:
     def key_set(self, rows: Rows) -> set[Any]:
         """The primary keys ``rows`` bring (merge tables)."""
         if isinstance(rows, EncodedBatch):
-            return set(rows.keys or ())
+            return rows.key_set
         return set(map(self._key, rows))
 
     async def merge(self, connection: Connection) -> None:
