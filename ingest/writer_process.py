@@ -70,7 +70,7 @@ class _EndpointWork:
         self.typed: TypedPages | None = typed_pages_for(endpoint, typed_decode)
         self.cursor = endpoint.incremental.kind() if endpoint.incremental else None
         self.encoder = RecordEncoder.for_endpoint(endpoint) if self.typed is not None else None
-        self.envelope = self.typed.envelope() if self.typed is not None else None
+        self.envelope = self.typed.envelope() if self.typed and self.encoder else None
 
     async def convert(self, connection: asyncpg.Connection, job: BatchJob) -> BatchRows:
         """The job's pages converted as the run's own process would (record encoder first)."""
