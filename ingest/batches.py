@@ -223,15 +223,22 @@ async def merge_at_turn(
 
     Direct COPYs wait for the turn because an uncommitted key in the target makes a later
     batch's insert of the same key wait for it: before the turn that could be a batch that
-    waits for this one. Then a known key falls back to the staging table, in the same
-    transaction.
+    waits for this one (unless :class:`ingest.runstate.MergeKeys` rules that out, and the
+    run's process COPYs earlier with :func:`copy_or_stage`).
     """
-    if direct:
-        if await sink.copy_new(connection, rows):
-            return False
-        await sink.stage(connection, rows)
+    if direct and not await copy_or_stage(connection, sink, rows):
+        return False
     await sink.merge(connection)
     return direct
+
+
+async def copy_or_stage(connection: Connection, sink: TableSink, rows: Rows) -> bool:
+    """A direct merge batch: one COPY into the target, or, when a key is already there, into the
+    staging table in the same transaction. True if it staged (the batch still needs a merge)."""
+    if await sink.copy_new(connection, rows):
+        return False
+    await sink.stage(connection, rows)
+    return True
 
 
 async def apply_commit(
@@ -359,9 +366,7 @@ class BatchWriter:
                         and direct
                         and state.merge_keys.may_copy_early(sequence, state.gate.next)
                     ):
-                        copied_early = await state.sink.copy_new(connection, rows)
-                        if not copied_early:
-                            await state.sink.stage(connection, rows)
+                        copied_early = not await copy_or_stage(connection, state.sink, rows)
                     else:
                         await load_rows(connection, state.sink, rows, direct=direct)
                 await state.gate.wait_turn(sequence)
