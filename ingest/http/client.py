@@ -237,11 +237,32 @@ class HttpClient:
         *,
         notify: bool = True,
     ) -> HttpResponse:
-        """Run ``attempt`` under the retry policy; ``notify``: tell the observer (pages only)."""
+        """Run ``attempt`` under the retry policy; ``notify``: tell the observer (pages only).
+
+        The first attempt runs outside tenacity: an ``AsyncRetrying`` with its call state is a
+        few dozen objects in reference cycles, so one per page left cyclic garbage that only the
+        (deliberately rare, see ``tuning``) collections freed, and a long run's memory grew by
+        thousands of them before the first one. When the first attempt fails, tenacity gets the
+        failure replayed as its own first attempt, so waits (Retry-After included), counts and
+        the time budget are what they were.
+        """
         started = time.monotonic()
+        try:
+            return await attempt()
+        except RetryableError as exc:
+            first_failure = exc
+        replayed = False
+
+        async def first_then_again() -> HttpResponse:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                raise first_failure
+            return await attempt()
+
+        budget = self.settings.max_retry_seconds - (time.monotonic() - started)
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.settings.max_attempts)
-            | stop_before_delay(self.settings.max_retry_seconds),
+            stop=stop_after_attempt(self.settings.max_attempts) | stop_before_delay(budget),
             wait=self._wait,
             retry=retry_if_exception_type(RetryableError),
             before_sleep=lambda state: self._count_retry(state, endpoint, url, notify),
@@ -250,7 +271,7 @@ class HttpClient:
         try:
             async for trial in retrying:
                 with trial:
-                    return await attempt()
+                    return await first_then_again()
         except RetryableError as exc:
             seconds = time.monotonic() - started
             attempts = retrying.statistics.get("attempt_number", self.settings.max_attempts)
