@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -189,8 +190,15 @@ def install_nginx(log: Any) -> None:
         log("nginx could not be installed; using the aiohttp static server")
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (a CI timeout, ``kill``) unwinds like Ctrl-C: the ``with`` blocks below stop
+    nginx, the embedded PostgreSQL and the running contender instead of leaving them behind."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     log = lambda message: print(f"[bench] {message}", flush=True)  # noqa: E731
     records = (
         args.records or MODES["quick" if args.quick else "large" if args.large else "standard"]

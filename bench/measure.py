@@ -122,15 +122,20 @@ def run_child(
             cwd=cwd,
         )
         deadline = started + timeout
-        while True:
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                process.kill()
-                pid, status, usage = os.wait4(process.pid, 0)
-                break
-            time.sleep(0.02)
+        try:
+            while True:
+                pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.perf_counter() > deadline:
+                    process.kill()
+                    pid, status, usage = os.wait4(process.pid, 0)
+                    break
+                time.sleep(0.02)
+        except BaseException:  # Ctrl-C or SIGTERM: the contender goes too, not orphaned
+            process.kill()
+            process.wait()
+            raise
         wall = time.perf_counter() - started
         pg_after = postgres.total()
         process.returncode = os.waitstatus_to_exitcode(status)
