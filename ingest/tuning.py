@@ -7,6 +7,12 @@ benchmark (1M records, docs/performance.md) that was ~30 % of the pipeline's CPU
 young-generation threshold makes those scans rare while still collecting real cycles (from
 exceptions, closed connections, ...) within a bounded number of allocations, and ``gc.freeze``
 moves everything that exists at start (imported modules, config) out of the scans for good.
+
+The price of rare collections: whatever a page leaves in reference cycles waits for the next one,
+up to ~100k objects. So a page must leave none (the HTTP client keeps tenacity's cyclic retry
+state off the path of a first attempt that succeeds; ``tests/test_cyclic_garbage.py`` checks a
+run's garbage does not grow with its pages); otherwise a long run's peak memory ends up above a
+short run's.
 """
 
 from __future__ import annotations
