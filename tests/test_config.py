@@ -58,7 +58,7 @@ def test_valid_config_is_frozen_and_header_from_env_is_secret() -> None:
     assert source.headers["Accept-Language"] == "en"
     assert source.endpoints[0].table.mode == "merge"
     with pytest.raises(ValidationError):
-        source.name = "other"  # type: ignore[misc]
+        source.name = "other"
 
 
 def test_missing_environment_variable_names_it() -> None:

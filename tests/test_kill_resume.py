@@ -217,6 +217,7 @@ async def test_backend_killed_mid_copy_fails_clearly_and_the_next_run_is_exact(
         assert "nothing of it was committed and the last checkpoint holds" in message
         assert "\n" not in message
         run_row = await db.fetchrow("SELECT status, error FROM ingest.runs")
+        assert run_row is not None
         assert run_row["status"] == "failed" and run_row["error"] == message
         assert await committed(db) == before
         assert [row[0] for row in await table(db)] == list(range(1, before + 1))

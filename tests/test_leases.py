@@ -63,6 +63,7 @@ async def test_an_expired_lease_is_taken_over_and_the_old_owner_is_fenced_out(
     row = await db.fetchrow(
         "SELECT status, lease_owner FROM ingest.partitions WHERE partition = 'b/c'"
     )
+    assert row is not None
     assert (row["status"], row["lease_owner"]) == ("done", None)
     assert await leases.claim(db, source="s", owner="C", lease_seconds=30, keys=["b/c"]) is None
 
@@ -76,6 +77,7 @@ async def test_release_hands_back_and_fails_only_after_the_last_attempt(db: Conn
     status = await db.fetchrow(
         "SELECT status, error FROM ingest.partitions WHERE partition = 'a/b'"
     )
+    assert status is not None
     assert (status["status"], status["error"]) == ("failed", "boom")
     assert await leases.claim(db, source="s", owner="A", lease_seconds=30, keys=["a/b"]) is None
     # Planning the same windows again (rerunning the backfill) retries failed partitions.

@@ -119,4 +119,5 @@ async def test_writer_processes_land_the_same_table_as_one_process(
     expected = [(r["id"], r["name"], r["amount"], r["updated_at"]) for r in records]
     assert await table(db) == expected
     checkpoint = await db.fetchrow("SELECT done, records, pages FROM ingest.checkpoints")
+    assert checkpoint is not None
     assert tuple(checkpoint) == (True, 250, 25)

@@ -9,7 +9,7 @@ import pytest
 from ingest.config import Table
 from ingest.rows import RowBuilder, RowError
 
-COLUMNS = {
+COLUMNS: dict[str, dict[str, str | bool]] = {
     "id": {"path": "id", "type": "bigint"},
     "name": {"path": "name", "type": "text"},
     "small": {"path": "small", "type": "integer"},

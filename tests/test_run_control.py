@@ -38,7 +38,7 @@ async def test_overlapping_run_of_the_same_source_exits_locked(
         first = await spawn(["run", str(config)], cli_env, tmp_path, "first")
         await wait_until(lambda: committed_positive(db), what="first run committing")
         code, output = await run_cli(["run", str(config)], cli_env, tmp_path, "second", 30)
-        assert code == ExitCode.LOCKED == 3, output
+        assert code == int(ExitCode.LOCKED) == 3, output
         assert "source shop is already being run by another process" in output
         assert await first.wait(60) == ExitCode.OK, first.output()
     assert await event_ids(db) == list(range(1, 201))
@@ -61,9 +61,10 @@ async def test_sigterm_commits_the_checkpoint_and_the_rerun_completes_exactly(
         await wait_until(lambda: committed_positive(db), what="a committed batch")
         cli.signal(signal.SIGTERM)
         code = await cli.wait(20)
-        assert code == ExitCode.INTERRUPTED == 4, cli.output()
+        assert code == int(ExitCode.INTERRUPTED) == 4, cli.output()
         assert "stopped by a signal after committing its checkpoint" in cli.output()
         checkpoint = await db.fetchrow("SELECT done, state, records FROM ingest.checkpoints")
+        assert checkpoint is not None
         assert checkpoint["done"] is False and checkpoint["state"] is not None
         assert 0 < checkpoint["records"] < 300
         # Exactly the checkpointed rows, nothing fetched after the signal went unwritten or half.
@@ -182,6 +183,6 @@ async def test_bad_records_go_to_dead_letters_and_the_limit_fails_the_run(
         code, output = await run_cli(
             ["run", str(config), "--restart", "--max-dead-letters", "2"], cli_env, tmp_path, "limit"
         )
-        assert code == ExitCode.DEAD_LETTERS == 5, output
+        assert code == int(ExitCode.DEAD_LETTERS) == 5, output
         assert "3 records failed conversion, more than --max-dead-letters 2" in output
     assert len(app[REQUESTS]) >= 4

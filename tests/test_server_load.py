@@ -231,7 +231,7 @@ async def test_a_bad_record_falls_back_and_is_dead_lettered_like_python(
         pipeline={"batch_size": 20},
     )
     # The key is required only where it is a primary key (merge); append keeps the row.
-    expected = [i for i in range(1, 41) if i not in (7, 22, 31, 34)]
+    expected: list[int | None] = [i for i in range(1, 41) if i not in (7, 22, 31, 34)]
     expected += [] if mode == "merge" else [None]
     assert [row["id"] for row in rows] == expected
     reasons = [error for _, error in await dead_letters(db, "src_server")]

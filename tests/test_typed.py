@@ -173,8 +173,13 @@ def test_numbers_and_flags_sent_as_strings_stay_on_the_typed_path(store_raw: boo
     endpoint = _loaded(store_raw).source.endpoints[0]
     typed = TypedPages(endpoint)
     builder = RowBuilder(endpoint.table)
-    clean = {"id": 1, "score": 1.5, "flag": True, "profile": {"seats": 3, "limits": {"max": 9}}}
-    stringly = {
+    clean: dict[str, object] = {
+        "id": 1,
+        "score": 1.5,
+        "flag": True,
+        "profile": {"seats": 3, "limits": {"max": 9}},
+    }
+    stringly: dict[str, object] = {
         "id": " 2 ",
         "score": "2.5",
         "flag": "yes",
