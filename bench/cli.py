@@ -82,8 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--repeat",
         type=int,
         default=1,
-        help="run each contender (except dlt) N times and keep the fastest run: on a shared "
-        "2-core machine single runs vary by 20 %% or more",
+        help="run the contenders (dlt once) in N round-robin rounds and keep each one's fastest "
+        "run: on a shared 2-core machine single runs vary by 20 %% or more, and the speed drifts "
+        "over minutes",
     )
     parser.add_argument(
         "--compare-ref",
@@ -190,6 +191,47 @@ def install_nginx(log: Any) -> None:
         log("nginx could not be installed; using the aiohttp static server")
 
 
+def _run_once(
+    key: str,
+    name: str,
+    *,
+    command: list[str],
+    table: str | None,
+    reset: str | None,
+    env: dict[str, str],
+    dsn: str,
+    postgres: PostgresCpu,
+    records: int,
+    log: Any,
+    label: str,
+) -> Measured | None:
+    """One run of one contender from a clean start; its rows are counted before the next reset."""
+    if reset:
+        sql(dsn, reset)
+    sql(dsn, "CHECKPOINT")
+    log(f"running {name}{label} ...")
+    try:
+        measured, _, _ = run_child(name, command, env=env, postgres=postgres, cwd=env["PYTHONPATH"])
+    except RuntimeError as exc:
+        if key != "dlt":
+            raise
+        log(f"  dlt failed, continuing without it: {exc}")
+        return None
+    if key == "copy":
+        measured.wall = float(measured.output["timed_seconds"])
+        measured.cpu = float(measured.output["timed_cpu"])
+        measured.note = "COPY phase only; RSS holds all pre-built rows"
+    measured.records = measured.records or records
+    if table:
+        measured.records = int(sql(dsn, f"SELECT count(*) FROM {table}"))
+        if measured.records != records:
+            measured.note = f"expected {records} rows"
+    if key == "dlt":
+        measured.note = f"dlt {measured.output.get('version')} {measured.output.get('phases')}"
+    log(f"  {measured.wall:.1f} s, {measured.rate:,.0f} records/s")
+    return measured
+
+
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
     """SIGTERM (a CI timeout, ``kill``) unwinds like Ctrl-C: the ``with`` blocks below stop
     nginx, the embedded PostgreSQL and the running contender instead of leaving them behind."""
@@ -234,49 +276,39 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.compare_ref:
             contenders += _compare_plan(args.compare_ref, served.base_url, dsn, scratch, args)
-        for key, name, command, table, reset, *extra in contenders:
-            if key not in only:
-                continue
-            child_env = {**env, **extra[0]} if extra else env
-            sql(dsn, "CHECKPOINT")
-            log(f"running {name} ...")
-            runs: list[Measured] = []
-            for attempt in range(1 if key == "dlt" else max(1, args.repeat)):
-                if reset:
-                    sql(dsn, reset)
-                if attempt:
-                    sql(dsn, "CHECKPOINT")
-                try:
-                    measured, _, _ = run_child(
-                        name, command, env=child_env, postgres=postgres, cwd=child_env["PYTHONPATH"]
-                    )
-                except RuntimeError as exc:
-                    if key != "dlt":
-                        raise
-                    log(f"  dlt failed, continuing without it: {exc}")
-                    break
-                if key == "copy":
-                    measured.wall = float(measured.output["timed_seconds"])
-                    measured.cpu = float(measured.output["timed_cpu"])
-                    measured.note = "COPY phase only; RSS holds all pre-built rows"
-                measured.records = measured.records or records
-                log(f"  run {attempt + 1}: {measured.wall:.1f} s, {measured.rate:,.0f} records/s")
-                runs.append(measured)
-            if not runs:
-                continue
-            measured = min(runs, key=lambda m: m.wall)
-            measured.output["runs_wall_s"] = [round(m.wall, 3) for m in runs]
-            if table:
-                measured.records = int(sql(dsn, f"SELECT count(*) FROM {table}"))
-                if measured.records != records:
-                    measured.note = f"expected {records} rows"
-            if key == "dlt":
-                measured.note = (
-                    f"dlt {measured.output.get('version')} {measured.output.get('phases')}"
+        selected = [contender for contender in contenders if contender[0] in only]
+        rounds = max(1, args.repeat)
+        runs: dict[str, list[Measured]] = {contender[1]: [] for contender in selected}
+        # Round-robin, not each contender N times in a row: this machine's speed drifts over
+        # minutes, so every contender's best run comes from the same stretch of time and the
+        # ratios between them do not depend on which one ran in a fast minute.
+        for attempt in range(rounds):
+            for key, name, command, table, reset, *extra in selected:
+                if key == "dlt" and attempt:
+                    continue
+                measured = _run_once(
+                    key,
+                    name,
+                    command=command,
+                    table=table,
+                    reset=reset,
+                    env={**env, **extra[0]} if extra else env,
+                    dsn=dsn,
+                    postgres=postgres,
+                    records=records,
+                    log=log,
+                    label=f" (round {attempt + 1}/{rounds})" if rounds > 1 and key != "dlt" else "",
                 )
+                if measured is not None:
+                    runs[name].append(measured)
+        for _, name, *_ in selected:
+            if not runs[name]:
+                continue
+            measured = min(runs[name], key=lambda m: m.wall)
+            measured.output["runs_wall_s"] = [round(m.wall, 3) for m in runs[name]]
             results.append(measured)
             log(
-                f"  {measured.records:,} records in {measured.wall:.1f} s = "
+                f"  {name}: {measured.records:,} records in {measured.wall:.1f} s = "
                 f"{measured.rate:,.0f}/s, peak RSS {measured.peak_rss_mb:.0f} MB"
             )
         meta = {
