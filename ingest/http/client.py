@@ -251,15 +251,6 @@ class HttpClient:
             return await attempt()
         except RetryableError as exc:
             first_failure = exc
-        replayed = False
-
-        async def first_then_again() -> HttpResponse:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                raise first_failure
-            return await attempt()
-
         budget = self.settings.max_retry_seconds - (time.monotonic() - started)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.settings.max_attempts) | stop_before_delay(budget),
@@ -271,7 +262,9 @@ class HttpClient:
         try:
             async for trial in retrying:
                 with trial:
-                    return await first_then_again()
+                    if trial.retry_state.attempt_number == 1:
+                        raise first_failure
+                    return await attempt()
         except RetryableError as exc:
             seconds = time.monotonic() - started
             attempts = retrying.statistics.get("attempt_number", self.settings.max_attempts)
