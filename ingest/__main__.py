@@ -1,5 +1,5 @@
 """`python -m ingest` is the same as the `ingest` command."""
 
-from ingest.cli import main
+from ingest.cli import console
 
-raise SystemExit(main())
+raise SystemExit(console())

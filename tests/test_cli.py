@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+import sys
 from pathlib import Path
 
 import asyncpg
+import pytest
 
+from ingest.cli import console
 from tests.helpers import config_text
 from tests.processes import run_ingest
 from tests.servers import REQUESTS, make_records, page_number_app, serve
@@ -66,6 +70,21 @@ async def test_bad_config_exits_2_with_one_line(tmp_path: Path, cli_env: dict[st
         f"ingest: error: {config}: endpoints[0].pagination.page_size: "
         "Input should be greater than 0"
     ]
+
+
+def test_console_entry_returns_the_exit_code_with_the_collector_frozen_for_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The script's entry point (``ingest``, ``python -m ingest``) exits with main()'s code,
+    and leaves the objects alive at exit out of the interpreter's final collections."""
+    config = tmp_path / "bad.toml"
+    config.write_text("[source]\n")
+    monkeypatch.setattr(sys, "argv", ["ingest", "run", str(config)])
+    try:
+        assert console() == 2
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
 
 
 async def test_missing_env_var_and_unreachable_database_are_one_line_errors(
