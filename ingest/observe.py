@@ -2,6 +2,9 @@
 
 Both are :class:`~ingest.events.RunObserver` implementations; this module only decides which are
 on and keeps their lifetimes around the run (bars drawn, ticker running, metrics served).
+
+:mod:`ingest.metrics` is imported only when metrics are wanted: ``prometheus_client`` adds
+~15 ms to the start of every run, which a scheduled run without metrics flags need not pay.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from ingest.events import FanOut, RunObserver
-from ingest.metrics import DEFAULT_HOST, RunMetrics, exporting
 from ingest.progress import DEFAULT_INTERVAL, ProgressMode, showing_progress
 
 
@@ -20,7 +22,7 @@ class ObserveOptions:
     progress: ProgressMode = "auto"
     progress_interval: float = DEFAULT_INTERVAL
     metrics_port: int | None = None
-    metrics_host: str = DEFAULT_HOST
+    metrics_host: str | None = None  # None: the exporter's default (loopback)
     metrics_textfile: str | None = None
 
     @property
@@ -35,11 +37,13 @@ async def observing(source: str, options: ObserveOptions) -> AsyncIterator[RunOb
         if not options.metrics_wanted:
             yield shown
             return
+        from ingest.metrics import DEFAULT_HOST, RunMetrics, exporting  # noqa: PLC0415 - see top
+
         metrics = RunMetrics(source)
         with exporting(
             metrics,
             port=options.metrics_port,
-            host=options.metrics_host,
+            host=options.metrics_host or DEFAULT_HOST,
             textfile=options.metrics_textfile,
         ):
             yield FanOut([shown, metrics])
