@@ -405,6 +405,7 @@ typedef struct {
 } paths;
 
 static inline const char *skip_ws(const char *p, const char *end) {
+    if (p < end && (unsigned char)*p > ' ') return p; /* compact JSON: the usual case */
     while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')) p++;
     return p;
 }
@@ -462,6 +463,10 @@ static void init_plain(void) {
 static const char *parse_string(const char *p, const char *end, int *flags) {
     p++;
     while (p < end) {
+        /* four bytes a step while all four are plain: most of a record's bytes are in strings */
+        while (end - p >= 4 && (PLAIN[(unsigned char)p[0]] & PLAIN[(unsigned char)p[1]] &
+                                PLAIN[(unsigned char)p[2]] & PLAIN[(unsigned char)p[3]]))
+            p += 4;
         while (p < end && PLAIN[(unsigned char)*p]) p++;
         if (p >= end) return NULL;
         unsigned char c = (unsigned char)*p;
@@ -672,6 +677,7 @@ static int read_object(paths *tree, int node_index, const char *p, const char *e
                        int *flags, const char **after) {
     if (depth > MAX_DEPTH || p >= end || *p != '{') return 1;
     const node *at = &tree->nodes[node_index];
+    int expected = 0; /* the entry the next key is likely to match */
     char key_buffer[256];
     p = skip_ws(p + 1, end);
     if (p < end && *p == '}') {
@@ -699,12 +705,23 @@ static int read_object(paths *tree, int node_index, const char *p, const char *e
         p = skip_ws(p + 1, end);
         const entry *match = NULL;
         if (key != NULL) {
-            for (int i = 0; i < at->entries; i++) {
-                const entry *candidate = &tree->entries[at->first_entry + i];
-                if (candidate->key_length == key_length &&
-                    memcmp(candidate->key, key, (size_t)key_length) == 0) {
-                    match = candidate;
-                    break;
+            /* Records of one API mostly send their keys in one order, so the entry after the
+               last match is tried first; a miss there falls back to the whole list. */
+            const entry *guess =
+                expected < at->entries ? &tree->entries[at->first_entry + expected] : NULL;
+            if (guess != NULL && guess->key_length == key_length &&
+                memcmp(guess->key, key, (size_t)key_length) == 0) {
+                match = guess;
+                expected++;
+            } else {
+                for (int i = 0; i < at->entries; i++) {
+                    const entry *candidate = &tree->entries[at->first_entry + i];
+                    if (candidate->key_length == key_length &&
+                        memcmp(candidate->key, key, (size_t)key_length) == 0) {
+                        match = candidate;
+                        expected = i + 1;
+                        break;
+                    }
                 }
             }
         }

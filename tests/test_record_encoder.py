@@ -136,6 +136,8 @@ def _record(pick: random.Random) -> bytes:
     profile = pick.choice(PROFILES).replace("SEATS", seats)
     parts = [f'"{key}": {value}' for key, value in fields.items() if pick.random() > 0.08]
     parts.insert(pick.randrange(len(parts) + 1), f'"profile": {profile}')
+    if pick.random() < 0.1:  # keys out of the usual order: the encoder guesses the next key
+        pick.shuffle(parts)
     if pick.random() < 0.05:
         return b"[1, 2]"
     return ("{" + ", ".join(parts) + "}").encode()
