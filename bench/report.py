@@ -21,6 +21,21 @@ def _ratio(top: Measured | None, bottom: Measured | None) -> float | None:
     return round(top.rate / bottom.rate, 3)
 
 
+def _by_round(top: Measured | None, bottom: Measured | None) -> list[float] | None:
+    """``top``'s records/s over ``bottom``'s in each round of ``--repeat`` (same data, so the
+    inverse ratio of the walls): how much the headline ratio, a ratio of two best runs, owes to
+    one fast or slow minute."""
+    if top is None or bottom is None:
+        return None
+    tops, bottoms = top.output.get("runs_wall_s"), bottom.output.get("runs_wall_s")
+    if not tops or not bottoms or len(tops) != len(bottoms) or len(tops) < 2:
+        return None
+    pairs = zip(tops, bottoms, strict=True)
+    return [
+        round(bottom_wall / top_wall, 3) if top_wall else 0.0 for top_wall, bottom_wall in pairs
+    ]
+
+
 def cpu_bound(run: Measured | None, copy: Measured | None, cpus: int) -> dict[str, float] | None:
     """The most ``run`` could reach at its measured CPU per record, spread perfectly over ``cpus``.
 
@@ -86,7 +101,15 @@ def targets(results: Sequence[Measured], cpus: int) -> dict[str, Any]:
         for name, run in (("append", append), ("merge", merge))
         if (bound := cpu_bound(run, copy, cpus)) is not None
     }
-    return {"ratios": ratios, "targets": checks, "cpu_bounds": bounds}
+    by_round = {
+        name: values
+        for name, values in (
+            ("append_vs_copy", _by_round(append, copy)),
+            ("merge_vs_copy", _by_round(merge, copy)),
+        )
+        if values is not None
+    }
+    return {"ratios": ratios, "by_round": by_round, "targets": checks, "cpu_bounds": bounds}
 
 
 def _check(value: float | None, floor: float) -> bool | None:
@@ -120,6 +143,8 @@ def render(meta: dict[str, Any], results: Sequence[Measured]) -> str:
     lines.append("")
     for name, value in summary["ratios"].items():
         lines.append(f"  {name:<26} {_fmt(value, '.3f')}")
+    for name, values in summary["by_round"].items():
+        lines.append(f"  {name + ' by round':<26} " + " ".join(f"{value:.3f}" for value in values))
     lines.append("")
     for name, ok in summary["targets"].items():
         verdict = "n/a" if ok is None else ("PASS" if ok else "FAIL")

@@ -53,3 +53,17 @@ def test_cpu_bound_spreads_the_measured_cpu_over_every_core() -> None:
     }
     assert cpu_bound(Measured("ingest merge", 0, 1.0, 1.0, 90.0, None), copy, cpus=2) is None
     assert "cpu_bounds" in targets([copy, append], cpus=2)
+
+
+def test_ratios_by_round_pair_the_runs_of_each_round() -> None:
+    """--repeat rounds: append/COPY per round, beside the ratio of the two best runs."""
+    copy = Measured("COPY ceiling, 2 conns", 1_000_000, 2.0, 1.0, 700.0, 2.0)
+    copy.output["runs_wall_s"] = [3.0, 2.0]
+    append = Measured("ingest append", 1_000_000, 2.5, 2.5, 85.0, 1.8)
+    append.output["runs_wall_s"] = [2.5, 3.2]
+    summary = targets([copy, append], cpus=2)
+    assert summary["ratios"]["append_vs_copy"] == 0.8
+    assert summary["by_round"] == {"append_vs_copy": [1.2, 0.625]}
+    single = Measured("ingest merge", 1_000_000, 4.0, 3.0, 88.0, 3.0)
+    single.output["runs_wall_s"] = [4.0]
+    assert "merge_vs_copy" not in targets([copy, append, single], cpus=2)["by_round"]
