@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import gc
 import subprocess
 import sys
 from pathlib import Path
 
 import asyncpg
-import pytest
 
-from ingest.cli import console
 from tests.helpers import config_text
 from tests.processes import run_ingest
 from tests.servers import REQUESTS, make_records, page_number_app, serve
@@ -74,18 +71,20 @@ async def test_bad_config_exits_2_with_one_line(tmp_path: Path, cli_env: dict[st
 
 
 def test_console_entry_returns_the_exit_code_with_the_collector_frozen_for_exit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     """The script's entry point (``ingest``, ``python -m ingest``) exits with main()'s code,
-    and leaves the objects alive at exit out of the interpreter's final collections."""
+    and leaves the objects alive at exit out of the interpreter's final collections. In a
+    child process: main() configures logging for the whole process."""
     config = tmp_path / "bad.toml"
     config.write_text("[source]\n")
-    monkeypatch.setattr(sys, "argv", ["ingest", "run", str(config)])
-    try:
-        assert console() == 2
-        assert gc.get_freeze_count() > 0
-    finally:
-        gc.unfreeze()
+    probe = (
+        "import gc, sys; from ingest.cli import console; "
+        f"sys.argv = ['ingest', 'run', {str(config)!r}]; "
+        "code = console(); print(code, gc.get_freeze_count() > 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True)
+    assert done.stdout.split() == ["2", "True"], done.stderr
 
 
 def test_ingest_run_does_not_import_what_only_other_commands_or_flags_need() -> None:
