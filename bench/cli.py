@@ -462,15 +462,40 @@ def _plan(  # noqa: PLR0917 - one call site, all inputs of the plan
 def _compare_plan(
     ref: str, base_url: str, dsn: str, scratch: str, args: argparse.Namespace
 ) -> list[Any]:
-    """ingest append and merge as of ``ref`` (git archive into the scratch dir), own tables."""
+    """ingest append and merge as of ``ref`` (git archive into the scratch dir), own tables.
+
+    The ref's own C extension is built there too: without it, ``import ingest._copyenc`` in the
+    ref's package would fall through to the editable install's finder and load this checkout's
+    extension, so "before" would run today's encoder.
+    """
     root = Path(scratch) / f"ingest-{ref}"
     root.mkdir()
+    paths = ["ingest", "migrations"]
+    has_setup = (
+        subprocess.run(
+            ["git", "-C", str(ROOT), "cat-file", "-e", f"{ref}:setup.py"],
+            check=False,
+            capture_output=True,
+        ).returncode
+        == 0
+    )
+    if has_setup:
+        paths.append("setup.py")
     archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", ref, "ingest", "migrations"],
-        check=True,
-        capture_output=True,
+        ["git", "-C", str(ROOT), "archive", ref, *paths], check=True, capture_output=True
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    if has_setup:
+        built = subprocess.run(
+            [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+            check=False,
+            cwd=root,
+            capture_output=True,
+            text=True,
+        )
+        if built.returncode != 0 or not list((root / "ingest").glob("_copyenc*.so")):
+            tail = (built.stderr or built.stdout).strip().splitlines()[-1:]
+            raise SystemExit(f"bench: --compare-ref {ref}: building its C extension failed: {tail}")
     compile_bytecode(root / "ingest", lambda message: None)
     env = {"PYTHONPATH": str(root)}
     plan: list[Any] = []
