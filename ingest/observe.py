@@ -43,7 +43,7 @@ async def observing(source: str, options: ObserveOptions) -> AsyncIterator[RunOb
         with exporting(
             metrics,
             port=options.metrics_port,
-            host=options.metrics_host or DEFAULT_HOST,
+            host=DEFAULT_HOST if options.metrics_host is None else options.metrics_host,
             textfile=options.metrics_textfile,
         ):
             yield FanOut([shown, metrics])
