@@ -114,11 +114,11 @@ def test_shipped_example_configs_are_valid() -> None:
         load_config(file, environ)
 
 
-def test_readme_config_reference_example_is_valid() -> None:
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Config reference") :]
+def test_docs_config_reference_example_is_valid() -> None:
+    reference = (ROOT / "docs" / "configuration.md").read_text()
+    section = reference[reference.index("## Config reference") :]
     example = section[section.index("```toml") + len("```toml") : section.index("```\n", 10)]
-    loaded = parse_config(example, Path("README.md"), {"SHOP_TOKEN": "t0ken-value"})
+    loaded = parse_config(example, Path("docs/configuration.md"), {"SHOP_TOKEN": "t0ken-value"})
     [endpoint] = loaded.source.endpoints
     assert endpoint.table.primary_key == ("id",)
     assert loaded.source.pipeline.batch_size == 10000
