@@ -22,6 +22,7 @@ FENCE = re.compile(r"^\s*(```|~~~)")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 # [text](target) or [text](target "title"); text may hold inline code with brackets inside.
 LINK = re.compile(r"\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+INLINE_CODE = re.compile(r"`[^`\n]*`")
 INLINE_LINK_TEXT = re.compile(r"\[([^\]]*)\]\([^)]*\)")
 
 
@@ -61,13 +62,21 @@ def anchors(path: Path) -> set[str]:
 
 
 def relative_links(path: Path) -> list[tuple[int, str]]:
-    """(line, target) of every link in prose that is not to another site."""
+    """(line, target) of every link in prose that is not to another site.
+
+    Link text may wrap onto the next line, so links are found in the whole prose text (code
+    blocks blanked, line numbers kept); brackets inside inline code are not link syntax.
+    """
+    numbered = dict(prose_lines(path.read_text()))
+    last = max(numbered, default=0)
+    prose = "\n".join(numbered.get(number, "") for number in range(1, last + 1))
+    prose = INLINE_CODE.sub(lambda span: "`" + "x" * (len(span.group()) - 2) + "`", prose)
     links: list[tuple[int, str]] = []
-    for number, line in prose_lines(path.read_text()):
-        for target in LINK.findall(line):
-            if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
-                continue
-            links.append((number, target))
+    for match in LINK.finditer(prose):
+        target = match.group(1)
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
+            continue
+        links.append((prose.count("\n", 0, match.start()) + 1, target))
     return links
 
 
@@ -104,8 +113,11 @@ def test_github_slug_matches_githubs_rules(heading: str, slug: str) -> None:
 
 def test_checker_finds_a_broken_anchor(tmp_path: Path) -> None:
     page = tmp_path / "page.md"
-    page.write_text("# Title\n\n## Real one\n\n[ok](#real-one) [bad](#gone) [file](missing.md)\n")
-    assert [target for _, target in relative_links(page)] == ["#real-one", "#gone", "missing.md"]
+    page.write_text(
+        "# Title\n\n## Real one\n\n[ok](#real-one) [bad](#gone) `[a](b)` [two\nlines](missing.md)\n"
+        "```\n[in code](#nowhere)\n```\n"
+    )
+    assert relative_links(page) == [(5, "#real-one"), (5, "#gone"), (5, "missing.md")]
     problems = broken_links(page, root=tmp_path)
     assert len(problems) == 2
     assert "#gone" in problems[0] and "no such file" in problems[1]
