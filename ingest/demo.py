@@ -10,13 +10,14 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.toml"
+from ingest.assets import example_config
+
+DEMO_CONFIG = example_config("demo.toml")
 PAGE_SIZE_CAP = 100
 NAMES = ['Ada "the first" Lovelace', "Grace\tHopper", "Alan\nTuring", "C:\\Users\\edsger", "Zoë 🚀"]
 STATUSES = ("active", "paused", "closed")

@@ -10,10 +10,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ingest.assets import migrations_dir
 from ingest.db import Connection
 from ingest.errors import ConfigError
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 LOCK_KEY = "ingest:migrate"
 
@@ -25,9 +25,12 @@ class Migration:
     sql: str
 
 
-def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+def discover(directory: Path | None = None) -> list[Migration]:
+    """The migrations in ``directory`` (default: the ones shipped with ingest), in order."""
+    if directory is None:
+        directory = migrations_dir()
     if not directory.is_dir():
-        raise ConfigError(f"{directory}: migrations folder not found (install with pip install -e)")
+        raise ConfigError(f"{directory}: migrations folder not found")
     migrations: list[Migration] = []
     for path in sorted(directory.glob("*.sql")):
         match = FILE_NAME.match(path.name)
@@ -40,7 +43,7 @@ def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return migrations
 
 
-async def migrate(connection: Connection, directory: Path = MIGRATIONS_DIR) -> list[str]:
+async def migrate(connection: Connection, directory: Path | None = None) -> list[str]:
     """Apply what is pending; return the names applied (empty when up to date)."""
     migrations = discover(directory)
     applied_now: list[str] = []
@@ -69,7 +72,7 @@ async def migrate(connection: Connection, directory: Path = MIGRATIONS_DIR) -> l
     return applied_now
 
 
-async def pending(connection: Connection, directory: Path = MIGRATIONS_DIR) -> list[str]:
+async def pending(connection: Connection, directory: Path | None = None) -> list[str]:
     """Migrations not yet applied (all of them when ingest's schema does not exist)."""
     exists = await connection.fetchval("SELECT to_regclass('ingest.schema_migrations') IS NOT NULL")
     done: set[int] = set()
