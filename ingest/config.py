@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ingest.cursor import CursorFormat, CursorKind
 from ingest.errors import ConfigError
-from ingest.secrets import Secret
+from ingest.secrets import SENSITIVE_PARAMS, Secret
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -528,11 +528,103 @@ def _resolve_headers(raw: Any, environ: Mapping[str, str], file: Path) -> dict[s
     return headers
 
 
-def _resolve_auth(raw: Any, environ: Mapping[str, str], file: Path) -> dict[str, Any]:
+def _resolve_params(raw: Any, environ: Mapping[str, str], file: Path) -> Any:
+    """Interpolate ``${VAR}`` in every endpoint's ``params`` (strings only), as in ``base_url``.
+
+    A credential-named parameter (``api_key``, ``token``, ...) may not come from a variable:
+    params are kept in checkpoints, so a secret there would reach the database; the [auth]
+    style ``api_key_query`` sends such a key on every request without storing it.
+    """
+    if not isinstance(raw, list):
+        return raw
+    endpoints: list[Any] = []
+    for index, endpoint in enumerate(raw):
+        params = endpoint.get("params") if isinstance(endpoint, dict) else None
+        if not isinstance(params, dict):
+            endpoints.append(endpoint)
+            continue
+        name = endpoint.get("name")
+        where = f"endpoints.{name}" if isinstance(name, str) else f"endpoints[{index}]"
+        resolved: dict[str, Any] = {}
+        for key, value in params.items():
+            field = f"{where}.params.{key}"
+            if not isinstance(value, str):
+                resolved[key] = value
+                continue
+            resolved[key], from_env = _interpolate(value, environ, file, field)
+            if from_env and key.lower() in SENSITIVE_PARAMS:
+                raise ConfigError(
+                    f"{file}: {field}: a credential in params would be stored in checkpoints; "
+                    'send it with [auth] style = "api_key_query" instead'
+                )
+        endpoints.append({**endpoint, "params": resolved})
+    return endpoints
+
+
+def _unexpanded_reference(document: Any, field: str = "") -> tuple[str, str] | None:
+    """The first ``${VAR}`` in a field ingest does not expand: (field, reference).
+
+    Such a value would be used literally (a path or column with ``${X}`` in it), so it is
+    refused instead. Expanded fields are ``source.base_url``, ``source.headers.*``,
+    ``endpoints.*.params.*`` and the ``[auth]`` table.
+    """
+    if isinstance(document, str):
+        match = ENV_REFERENCE.search(document)
+        return (field, match.group(0)) if match else None
+    if isinstance(document, dict):
+        items: list[tuple[str, Any]] = [(str(key), value) for key, value in document.items()]
+    elif isinstance(document, list):
+        items = [(_item_label(index, value), value) for index, value in enumerate(document)]
+    else:
+        return None
+    for key, value in items:
+        child = f"{field}{key}" if key.startswith("[") or not field else f"{field}.{key}"
+        if child in EXPANDED_FIELDS or PARAMS_FIELD.match(child):
+            continue
+        found = _unexpanded_reference(value, child)
+        if found is not None:
+            return found
+    return None
+
+
+#: Config fields whose ``${VAR}`` references are expanded from the environment.
+EXPANDED_FIELDS = frozenset({"source.base_url", "source.headers", "auth"})
+
+
+PARAMS_FIELD = re.compile(r"^endpoints(\[\d+\]|\.[^.\[]+)\.params$")
+
+
+def _item_label(index: int, item: Any) -> str:
+    """An endpoint is named by its name (``endpoints.issues``), anything else by its index."""
+    name = item.get("name") if isinstance(item, dict) else None
+    return name if isinstance(name, str) and name else f"[{index}]"
+
+
+#: What an unread ``*_file`` secret holds in an offline parse (``ingest status``, validate).
+OFFLINE_SECRET = "unset"
+
+
+def read_secret_file(path: str, file: Path, field: str) -> str:
+    """A ``<field>_file`` secret's content, its trailing newline dropped; never empty."""
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(
+            f"{file}: {field}: cannot read secret file {path}: {exc.strerror}"
+        ) from None
+    if not text:
+        raise ConfigError(f"{file}: {field}: secret file {path} is empty")
+    return text
+
+
+def _resolve_auth(
+    raw: Any, environ: Mapping[str, str], file: Path, *, offline: bool = False
+) -> dict[str, Any]:
     """Interpolate ``${VAR}`` in the [auth] table and read ``*_file`` secrets; wrap credentials.
 
     Credential fields become :class:`Secret` whichever way they were given, so they are hidden
     in ``repr`` and registered with the redactor; a file's trailing newline is dropped.
+    ``offline``: ``*_file`` secrets are not read (commands that only need names: status).
     """
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: auth: expected a table with style = ...")
@@ -547,14 +639,7 @@ def _resolve_auth(raw: Any, environ: Mapping[str, str], file: Path) -> dict[str,
         if name.endswith("_file") and base in AUTH_SECRET_FIELDS:
             if base in raw:
                 raise ConfigError(f"{file}: auth.{name}: give either {base} or {name}, not both")
-            try:
-                text = Path(text).expanduser().read_text(encoding="utf-8").rstrip("\r\n")
-            except OSError as exc:
-                raise ConfigError(
-                    f"{file}: auth.{name}: cannot read secret file {text}: {exc.strerror}"
-                ) from None
-            if not text:
-                raise ConfigError(f"{file}: auth.{name}: secret file {value} is empty")
+            text = OFFLINE_SECRET if offline else read_secret_file(text, file, f"auth.{name}")
             name = base
         resolved[name] = Secret(text) if name in AUTH_SECRET_FIELDS else text
     return resolved
@@ -584,8 +669,14 @@ def _location(error: Any) -> str:
     return ".".join(parts)
 
 
-def parse_config(text: str, file: Path, environ: Mapping[str, str] | None = None) -> LoadedConfig:
-    """Validate config text; ``file`` is only used in messages."""
+def parse_config(
+    text: str, file: Path, environ: Mapping[str, str] | None = None, *, offline: bool = False
+) -> LoadedConfig:
+    """Validate config text; ``file`` is only used in messages.
+
+    ``offline``: secret files of the [auth] table are left unread (their content is not needed
+    to name the source and endpoints); see :func:`ingest.validate.check_config`.
+    """
     environment = os.environ if environ is None else environ
     try:
         document = tomllib.loads(text)
@@ -597,16 +688,22 @@ def parse_config(text: str, file: Path, environ: Mapping[str, str] | None = None
     unknown = sorted(set(document) - {"source", "endpoints", "http", "pipeline", "auth"})
     if unknown:
         raise ConfigError(f"{file}: unknown top-level key {unknown[0]!r}")
+    if unexpanded := _unexpanded_reference(document):
+        field, reference = unexpanded
+        raise ConfigError(
+            f"{file}: {field}: {reference} is not expanded in this field (only in "
+            "source.base_url, source.headers, endpoints' params and [auth])"
+        )
     data = dict(source_table)
     if isinstance(data.get("base_url"), str):
         data["base_url"], _ = _interpolate(data["base_url"], environment, file, "source.base_url")
     data["headers"] = _resolve_headers(source_table.get("headers"), environment, file)
-    data["endpoints"] = document.get("endpoints", [])
+    data["endpoints"] = _resolve_params(document.get("endpoints", []), environment, file)
     for section in ("http", "pipeline"):
         if section in document:
             data[section] = document[section]
     if "auth" in document:
-        data["auth"] = _resolve_auth(document["auth"], environment, file)
+        data["auth"] = _resolve_auth(document["auth"], environment, file, offline=offline)
     try:
         source = Source.model_validate(data)
     except ValidationError as exc:
