@@ -28,9 +28,17 @@ from urllib.parse import urlsplit
 import aiohttp
 import asyncpg
 
-from ingest.config import ENV_REFERENCE, Endpoint, LoadedConfig, parse_config
+from ingest.children import ParentRows, fill_path
+from ingest.config import (
+    AUTH_SECRET_FIELDS,
+    ENV_REFERENCE,
+    Endpoint,
+    LoadedConfig,
+    parse_config,
+    read_secret_file,
+)
 from ingest.db import describe_dsn
-from ingest.errors import ExitCode, IngestError, one_line
+from ingest.errors import ExitCode, IngestError, SourceError, one_line
 from ingest.http.client import HttpClient
 from ingest.migrate import pending
 from ingest.paginate import make_paginator
@@ -46,6 +54,8 @@ SAMPLE_RECORDS = 100
 PLACEHOLDER_URL = "http://unset.invalid"
 BASE_URL_FIELD = "source.base_url"
 HEADER_FIELD = "source.headers."
+AUTH_FIELD = "auth."
+ENDPOINTS_FIELD = "endpoints."
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,10 +94,18 @@ class ConfigCheck:
     unset_headers: frozenset[str]
     #: ``base_url`` itself references an unset variable: endpoints cannot be probed.
     url_unknown: bool
+    #: [auth] fields whose variable is unset or whose secret file cannot be read: a probe
+    #: without the credential would only prove the API refuses it, so none is sent.
+    unset_auth: tuple[str, ...] = ()
+    #: Endpoints with an unset variable in their params: not probed with a placeholder.
+    unset_params: frozenset[str] = frozenset()
 
 
 def check_config(path: str | Path, environ: Mapping[str, str]) -> ConfigCheck:
-    """Every missing variable, then the first config error (pydantic stops at the first)."""
+    """Every missing variable or secret file, then the first config error (pydantic stops at the
+    first). Needs none of the secrets: a missing one is a problem, and a placeholder stands in
+    for it, so the rest of the config is still checked (and ``ingest status`` can name things).
+    """
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
@@ -112,15 +130,54 @@ def check_config(path: str | Path, environ: Mapping[str, str]) -> ConfigCheck:
         name: PLACEHOLDER_URL if field == BASE_URL_FIELD else "unset" for field, name in missing
     }
     unset_headers = frozenset(
-        field.removeprefix(HEADER_FIELD) for field, _ in missing if field != BASE_URL_FIELD
+        field.removeprefix(HEADER_FIELD) for field, _ in missing if field.startswith(HEADER_FIELD)
+    )
+    unset_auth = [field for field, _ in missing if field.startswith(AUTH_FIELD)]
+    for field, problem in _unreadable_secret_files(document, environ, file):
+        problems.append(Problem("config", problem))
+        unset_auth.append(field)
+    unset_params = frozenset(
+        field.split(".")[1] for field, _ in missing if field.startswith(ENDPOINTS_FIELD)
     )
     url_unknown = any(field == BASE_URL_FIELD for field, _ in missing)
     try:
-        loaded: LoadedConfig | None = parse_config(text, file, {**environ, **placeholders})
+        loaded: LoadedConfig | None = parse_config(
+            text, file, {**environ, **placeholders}, offline=True
+        )
     except IngestError as exc:
         problems.append(Problem("config", str(exc)))
         loaded = None
-    return ConfigCheck(loaded, tuple(problems), unset_headers, url_unknown)
+    return ConfigCheck(
+        loaded,
+        tuple(problems),
+        unset_headers,
+        url_unknown,
+        tuple(dict.fromkeys(unset_auth)),
+        unset_params,
+    )
+
+
+def _unreadable_secret_files(
+    document: Mapping[str, Any], environ: Mapping[str, str], file: Path
+) -> list[tuple[str, str]]:
+    """(field, problem) for each ``<secret>_file`` of [auth] that cannot be read or is empty."""
+    auth = document.get("auth")
+    if not isinstance(auth, dict):
+        return []
+    found: list[tuple[str, str]] = []
+    for key, value in auth.items():
+        if not (isinstance(value, str) and key.removesuffix("_file") in AUTH_SECRET_FIELDS):
+            continue
+        if not key.endswith("_file"):
+            continue
+        if any(not environ.get(name) for name in ENV_REFERENCE.findall(value)):
+            continue  # reported as an unset variable
+        path = ENV_REFERENCE.sub(lambda match: environ[match.group(1)], value)
+        try:
+            read_secret_file(path, file, f"{AUTH_FIELD}{key}")
+        except IngestError as exc:
+            found.append((f"{AUTH_FIELD}{key}", str(exc)))
+    return found
 
 
 async def validate(
@@ -138,11 +195,22 @@ async def validate(
     problems = list(config.problems)
     notes: list[str] = []
     checked = 0
-    if not config.url_unknown:
-        problems += await _check_endpoints(
-            config.loaded, config.unset_headers, redactor, check_seconds, notes
+    if config.unset_auth:
+        notes.append(
+            "note: no endpoint was requested: the [auth] credentials are not available here "
+            f"({', '.join(config.unset_auth)})"
         )
-        checked = len(config.loaded.source.endpoints)
+    elif not config.url_unknown:
+        endpoints = await _checked_endpoints(config, dsn, check_seconds, notes)
+        problems += await _check_endpoints(
+            config.loaded,
+            endpoints,
+            config.unset_headers,
+            redactor,
+            seconds=check_seconds,
+            notes=notes,
+        )
+        checked = len(endpoints)
     problems += await _check_database(dsn, redactor, check_seconds)
     return Validation(
         _redacted(problems, redactor), checked, True, tuple(redactor(note) for note in notes)
@@ -162,8 +230,9 @@ def missing_variables(
 ) -> list[tuple[str, str]]:
     """(field, variable) for every ``${VAR}`` reference that is unset or empty.
 
-    Only the fields ingest interpolates are scanned (``source.base_url``, ``source.headers.*``),
-    so a ``${VAR}`` in a comment or elsewhere is not mistaken for a requirement.
+    Only the fields ingest interpolates are scanned (``source.base_url``, ``source.headers.*``,
+    ``endpoints.<name>.params.*``, ``auth.*``), so a ``${VAR}`` in a comment is not mistaken for
+    a requirement (one in any other field is a config error of its own).
     """
     source = document.get("source")
     if not isinstance(source, dict):
@@ -172,6 +241,16 @@ def missing_variables(
     headers = source.get("headers")
     if isinstance(headers, dict):
         fields += [(f"{HEADER_FIELD}{name}", value) for name, value in headers.items()]
+    endpoints = document.get("endpoints")
+    for index, endpoint in enumerate(endpoints if isinstance(endpoints, list) else []):
+        params = endpoint.get("params") if isinstance(endpoint, dict) else None
+        if isinstance(params, dict):
+            name = endpoint.get("name")
+            where = f"{ENDPOINTS_FIELD}{name if isinstance(name, str) else f'[{index}]'}"
+            fields += [(f"{where}.params.{key}", value) for key, value in params.items()]
+    auth = document.get("auth")
+    if isinstance(auth, dict):
+        fields += [(f"{AUTH_FIELD}{key}", value) for key, value in auth.items()]
     return [
         (field, name)
         for field, value in fields
@@ -181,10 +260,77 @@ def missing_variables(
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """One endpoint's first request: a child's path filled from ``parent``, one of its rows."""
+
+    endpoint: Endpoint
+    path: str | None = None
+    parent: Mapping[str, Any] | None = None
+
+
+async def _checked_endpoints(
+    config: ConfigCheck, dsn: str | None, seconds: float, notes: list[str]
+) -> list[Probe]:
+    """The endpoints to request, each with its path: a child's filled from one parent row.
+
+    A child endpoint's path (``/repos/{id}/issues``) is a template; requesting it as written
+    only tells that the API has no repo called ``{id}``. Its probe uses the first row of the
+    parent's table, and is skipped with a note while that table is empty or absent.
+    """
+    assert config.loaded is not None
+    source = config.loaded.source
+    chosen: list[Probe] = []
+    for endpoint in source.endpoints:
+        if endpoint.name in config.unset_params:
+            notes.append(
+                f"note: endpoint {endpoint.name}: not requested: a variable in its params is unset"
+            )
+        elif endpoint.parent is None:
+            chosen.append(Probe(endpoint))
+        else:
+            parent = source.endpoint(endpoint.parent)
+            row, why = await _first_parent_row(dsn, parent, endpoint, seconds)
+            if row is None:
+                notes.append(
+                    f"note: endpoint {endpoint.name}: not requested: {why}; its path "
+                    f"{endpoint.path} needs a row of {parent.name}'s table "
+                    f"({parent.table.schema_}.{parent.table.name})"
+                )
+            else:
+                chosen.append(Probe(endpoint, fill_path(endpoint.path, row), row))
+    return chosen
+
+
+async def _first_parent_row(
+    dsn: str | None, parent: Endpoint, child: Endpoint, seconds: float
+) -> tuple[Mapping[str, Any] | None, str]:
+    """The first parent row a run would walk, read only; else None and why not."""
+    rows = ParentRows(parent, child)
+    try:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1, timeout=seconds)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        return None, "the database is not reachable"
+    try:
+        async with asyncio.timeout(seconds):
+            found = await rows.fetch(pool, None, inclusive=False)
+    except SourceError:
+        return None, "the parent's table does not exist yet"
+    except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        return None, f"its parent rows cannot be read ({one_line(exc)})"
+    finally:
+        await pool.close()
+    if not found:
+        return None, "the parent's table has no rows yet"
+    return {column: found[0][column] for column in rows.columns}, ""
+
+
 async def _check_endpoints(
     loaded: LoadedConfig,
+    endpoints: Sequence[Probe],
     unset_headers: frozenset[str],
     redactor: Redactor,
+    *,
     seconds: float,
     notes: list[str],
 ) -> list[Problem]:
@@ -208,17 +354,25 @@ async def _check_endpoints(
     redactor.add(*(value for value in source.headers.values() if isinstance(value, Secret)))
     async with HttpClient(probe, redactor) as http, asyncio.TaskGroup() as group:
         tasks = [
-            group.create_task(_check_endpoint(http, probe.base_url, endpoint, redactor, notes))
-            for endpoint in source.endpoints
+            group.create_task(
+                _check_endpoint(http, probe.base_url, endpoint, redactor=redactor, notes=notes)
+            )
+            for endpoint in endpoints
         ]
     return [problem for task in tasks for problem in task.result()]
 
 
 async def _check_endpoint(
-    http: HttpClient, base_url: str, endpoint: Endpoint, redactor: Redactor, notes: list[str]
+    http: HttpClient,
+    base_url: str,
+    probe: Probe,
+    *,
+    redactor: Redactor,
+    notes: list[str],
 ) -> list[Problem]:
+    endpoint = probe.endpoint
     paginator = make_paginator(endpoint.pagination)
-    request = paginator.first_request(start_request(base_url, endpoint))
+    request = paginator.first_request(start_request(base_url, endpoint, probe.path))
     url = redactor.url(request.full_url())
     try:
         response = await http.fetch(request, endpoint.name)
@@ -228,10 +382,10 @@ async def _check_endpoint(
         if not message.startswith(f"endpoint {endpoint.name}:"):
             message = f"endpoint {endpoint.name}: {url}: {message}"
         return [Problem("endpoint", message)]
-    if note := _typed_note(endpoint, response.body):
+    if note := _typed_note(endpoint, response.body, probe.parent):
         notes.append(f"endpoint {endpoint.name}: {url}: {note}")
     sample = records[:SAMPLE_RECORDS]
-    _, rejected = RowBuilder(endpoint.table).build_many(sample)
+    _, rejected = RowBuilder(endpoint.table).build_many(sample, probe.parent)
     if not rejected:
         return []
     return [
@@ -243,7 +397,7 @@ async def _check_endpoint(
     ]
 
 
-def _typed_note(endpoint: Endpoint, body: bytes) -> str | None:
+def _typed_note(endpoint: Endpoint, body: bytes, parent: Any = None) -> str | None:
     """Why this endpoint's pages would miss typed decoding (about half the CPU), if they would."""
     if endpoint.table.load != "python":
         return None
@@ -256,7 +410,7 @@ def _typed_note(endpoint: Endpoint, body: bytes) -> str | None:
     if not body:
         return None
     try:
-        typed(body)
+        typed(body, parent)
     except ValueError:  # malformed: reported by the fetch already
         return None
     if typed.fallback_pages == 0:
