@@ -141,8 +141,10 @@ def check_config(path: str | Path, environ: Mapping[str, str]) -> ConfigCheck:
     )
     url_unknown = any(field == BASE_URL_FIELD for field, _ in missing)
     try:
+        # Secret files are read when all are readable: the probes send the real credential.
+        offline = any(field.endswith("_file") for field in unset_auth)
         loaded: LoadedConfig | None = parse_config(
-            text, file, {**environ, **placeholders}, offline=True
+            text, file, {**environ, **placeholders}, offline=offline
         )
     except IngestError as exc:
         problems.append(Problem("config", str(exc)))
@@ -350,8 +352,15 @@ async def _check_endpoints(
             ),
         }
     )
-    # Secrets of the real config too, even the headers left out of the probe.
-    redactor.add(*(value for value in source.headers.values() if isinstance(value, Secret)))
+    # Secrets of the real config too, even the headers left out of the probe (but not their
+    # placeholders: those would scrub the word "unset" out of every line).
+    redactor.add(
+        *(
+            value
+            for name, value in source.headers.items()
+            if isinstance(value, Secret) and name not in unset_headers
+        )
+    )
     async with HttpClient(probe, redactor) as http, asyncio.TaskGroup() as group:
         tasks = [
             group.create_task(

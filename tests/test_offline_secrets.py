@@ -99,3 +99,43 @@ async def test_validate_with_the_secret_requests_the_endpoints(
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert [request["headers"]["Authorization"] for request in app[REQUESTS]] == [f"Bearer {TOKEN}"]
     assert TOKEN not in completed.stdout + completed.stderr
+
+
+async def test_validate_sends_the_secret_file_content_when_it_is_readable(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    secret = tmp_path / "gh_token"
+    secret.write_text(f"{TOKEN}\n")
+    app = gated_app(5)
+    async with serve(app) as base:
+        config = tmp_path / "gh.toml"
+        config.write_text(
+            config_text(base, **gated_config())
+            + f'[auth]\nstyle = "bearer"\ntoken_file = "{secret}"\n'
+        )
+        completed = await asyncio.to_thread(_ingest, "validate", str(config), env=cli_env)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert [request["headers"]["Authorization"] for request in app[REQUESTS]] == [f"Bearer {TOKEN}"]
+    assert TOKEN not in completed.stdout + completed.stderr
+
+
+async def test_a_missing_header_variable_does_not_hide_the_word_unset(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The placeholder of a missing header is not registered as a secret."""
+    async with serve(gated_app(5)) as base:
+        config = tmp_path / "gh.toml"
+        config.write_text(
+            config_text(
+                base,
+                source={"headers": {"X-Api-Key": "${INGEST_TEST_UNSET_KEY}"}},
+                params={"org": "${INGEST_TEST_UNSET_ORG}"},
+                **gated_config(),
+            )
+        )
+        completed = await asyncio.to_thread(_ingest, "validate", str(config), env=cli_env)
+    assert completed.returncode == 2, completed.stdout + completed.stderr
+    assert "***" not in completed.stdout
+    assert "note: endpoint items: not requested: a variable in its params is unset" in (
+        completed.stdout
+    )
