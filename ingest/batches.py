@@ -41,6 +41,7 @@ from ingest.sink import TableSink
 from ingest.source import FetchedPage, extract_records
 from ingest.state import (
     Checkpoint,
+    ChildRecord,
     save_checkpoint,
     save_cursor,
     save_dead_letters,
@@ -99,6 +100,8 @@ def convert_pages(builder: RowBuilder, pages: Sequence[FetchedPage]) -> Converte
             continue
         good, bad = builder.build_many(page.records, page.parent)
         rows.extend(good)
+        if bad and page.parent is not None:  # kept with the record for a dead-letter replay
+            bad = [(ChildRecord(record, page.parent), reason) for record, reason in bad]
         rejected.extend(bad)
     return rows, rejected
 

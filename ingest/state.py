@@ -114,6 +114,20 @@ async def save_cursor(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ChildRecord:
+    """A child endpoint's rejected record with its parent row's values (``$parent.`` columns),
+    so a dead-letter replay can convert it as the run would have."""
+
+    record: Any
+    parent: Mapping[str, Any]
+
+
+def _json_text(value: Any) -> str:
+    """JSON text PostgreSQL stores: parent values may be Decimal, dates (text then)."""
+    return orjson.dumps(value, default=str).decode().replace("\x00", "\\u0000")
+
+
 async def save_dead_letters(
     connection: Connection,
     *,
@@ -122,19 +136,21 @@ async def save_dead_letters(
     endpoint: str,
     rejected: Sequence[tuple[Any, str]],
 ) -> None:
+    """``rejected``: (record, reason); a :class:`ChildRecord` stores its parent's values too."""
     if not rejected:
         return
     await connection.copy_records_to_table(
         "dead_letters",
         schema_name="ingest",
-        columns=["run_id", "source", "endpoint", "record", "error"],
+        columns=["run_id", "source", "endpoint", "record", "error", "parent"],
         records=[
             (
                 run_id,
                 source,
                 endpoint,
-                orjson.dumps(record).decode().replace("\x00", "\\u0000"),
+                _json_text(record.record if isinstance(record, ChildRecord) else record),
                 reason,
+                _json_text(dict(record.parent)) if isinstance(record, ChildRecord) else None,
             )
             for record, reason in rejected
         ],
