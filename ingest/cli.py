@@ -130,7 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--endpoint", action="append", default=[], help="only this endpoint (repeatable)"
     )
     run_cmd.add_argument(
-        "--restart", action="store_true", help="ignore unfinished checkpoints and start over"
+        "--restart",
+        action="store_true",
+        help="start each walk from its first page instead of resuming an unfinished checkpoint; "
+        "keeps the incremental high-water mark and the changed-parents mark, so an incremental "
+        "walk still starts at the last cursor minus lookback (`ingest reset` clears those)",
     )
     run_cmd.add_argument(
         "--max-dead-letters",
@@ -203,6 +207,50 @@ def build_parser() -> argparse.ArgumentParser:
     metrics_options(worker_cmd)
     _common(worker_cmd)
 
+    dead_cmd = commands.add_parser(
+        "dead-letters", help="list dead-lettered records, or replay them after a config fix"
+    )
+    dead_actions = dead_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dead_list = dead_actions.add_parser(
+        "list", help="count per endpoint and the newest records with their reasons"
+    )
+    dead_list.add_argument("config", help="path to a source config (TOML)")
+    dead_list.add_argument(
+        "--endpoint", action="append", default=[], help="only this endpoint (repeatable)"
+    )
+    dead_list.add_argument(
+        "--limit", type=int, default=20, metavar="N", help="newest records shown (default 20)"
+    )
+    _common(dead_list)
+    dead_replay = dead_actions.add_parser(
+        "replay",
+        help="convert the stored records with the current config: those that convert land in "
+        "the endpoint's table (merge/append as a run) and leave ingest.dead_letters, the rest "
+        "stay with their new reason; exactly once, under the source's lock",
+    )
+    dead_replay.add_argument("config", help="path to a source config (TOML)")
+    dead_replay.add_argument(
+        "--endpoint", action="append", default=[], help="only this endpoint (repeatable)"
+    )
+    _common(dead_replay)
+
+    reset_cmd = commands.add_parser(
+        "reset",
+        help="clear endpoints' checkpoint, incremental cursor and child-walk state so the next "
+        "run starts from scratch; never drops or empties loaded tables",
+    )
+    reset_cmd.add_argument("config", help="path to a source config (TOML)")
+    reset_cmd.add_argument(
+        "--endpoint",
+        action="append",
+        default=[],
+        help="only this endpoint (repeatable; default: every endpoint of the config)",
+    )
+    reset_cmd.add_argument(
+        "--yes", action="store_true", help="do not ask for confirmation (needed without a TTY)"
+    )
+    _common(reset_cmd)
+
     demo_cmd = commands.add_parser(
         "demo", help="run the bundled demo API into PostgreSQL (embedded if no DSN is set)"
     )
@@ -231,7 +279,7 @@ async def _run(args: argparse.Namespace, redactor: Redactor) -> int:
             log_format=args.log_format,
         )
         result = await run_source(loaded, resolve_dsn(args.dsn), redactor, options)
-    print(summary_table(result))
+    print(summary_table(result, args.config))
     return ExitCode.OK
 
 
@@ -311,6 +359,44 @@ async def _worker(args: argparse.Namespace, redactor: Redactor) -> int:
     return ExitCode.FAILED if result.failed else ExitCode.OK
 
 
+async def _dead_letters(args: argparse.Namespace) -> int:
+    from ingest.deadletters import (  # noqa: PLC0415
+        list_report,
+        replay_dead_letters,
+        replay_report,
+    )
+    from ingest.status import load_for_status  # noqa: PLC0415
+
+    loaded = load_for_status(args.config)
+    if args.action == "list":
+        if args.limit < 0:
+            raise ConfigError("--limit must not be negative")
+        print(await list_report(loaded, resolve_dsn(args.dsn), args.endpoint, args.limit))
+        return ExitCode.OK
+    stats = await replay_dead_letters(loaded, resolve_dsn(args.dsn), args.endpoint)
+    print(replay_report(loaded.source.name, stats))
+    return ExitCode.OK
+
+
+async def _reset(args: argparse.Namespace) -> int:
+    from ingest.reset import confirm_on_terminal, reset_endpoints, reset_report  # noqa: PLC0415
+    from ingest.status import load_for_status  # noqa: PLC0415
+
+    if not args.yes and not sys.stdin.isatty():
+        raise ConfigError(
+            "ingest reset asks for confirmation on a terminal and stdin is not one: "
+            "pass --yes to reset without asking"
+        )
+    loaded = load_for_status(args.config)
+    confirm = confirm_on_terminal(loaded.source.name, ask=not args.yes)
+    states = await reset_endpoints(loaded, resolve_dsn(args.dsn), args.endpoint, confirm)
+    if states is None:
+        print("reset cancelled: nothing changed")
+        return ExitCode.FAILED
+    print(reset_report(loaded.source.name, states))
+    return ExitCode.OK
+
+
 async def _demo(args: argparse.Namespace, redactor: Redactor, dsn: str | None) -> int:
     from ingest.demo import DEMO_CONFIG, serve_demo  # noqa: PLC0415
 
@@ -354,6 +440,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_backfill(args, redactor))
         if args.command == "worker":
             return asyncio.run(_worker(args, redactor))
+        if args.command == "dead-letters":
+            return asyncio.run(_dead_letters(args))
+        if args.command == "reset":
+            return asyncio.run(_reset(args))
         if args.command == "demo":
             args.embedded = not has_database_settings(args.dsn)
             if not args.embedded:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from ingest.runstate import RunResult
 
 
-def summary_table(result: RunResult) -> str:
-    """Per endpoint: pages, records, dead letters, seconds, records/s; then retries by reason."""
+def summary_table(result: RunResult, config: str | None = None) -> str:
+    """Per endpoint: pages, records, dead letters, seconds, records/s; then retries by reason,
+    and where to find this run's dead letters when it has any (``config``: the command's
+    config path, for the command line shown)."""
     header = ("endpoint", "pages", "records", "dead", "seconds", "records/s")
     rows = [
         (
@@ -28,5 +30,18 @@ def summary_table(result: RunResult) -> str:
     ]
     retries = ", ".join(f"{reason}={count}" for reason, count in sorted(result.retries.items()))
     lines.append(f"retries: {retries or 'none'}")
+    dead = sum(stats.dead_letters for stats in result.endpoints.values())
+    if dead:
+        lines.append(dead_letter_pointer(result, dead, config))
     lines.append(f"run {result.run_id}: succeeded")
     return "\n".join(lines)
+
+
+def dead_letter_pointer(result: RunResult, dead: int, config: str | None) -> str:
+    """Where a person finds the run's dead letters, and how to load them after a config fix."""
+    command = f"ingest dead-letters list {config}" if config else "ingest dead-letters list CONFIG"
+    return (
+        f"dead letters: {dead} in ingest.dead_letters ({command}, or "
+        f"SELECT error, record FROM ingest.dead_letters WHERE run_id = '{result.run_id}'; "
+        "after a config fix: ingest dead-letters replay)"
+    )
