@@ -516,5 +516,6 @@ class BatchWriter:
         if limit is not None and total > limit:
             raise DeadLetterLimitError(
                 f"{where}: {total} records failed conversion, "
-                f"more than --max-dead-letters {limit}; see ingest.dead_letters for reasons"
+                f"more than --max-dead-letters {limit}; this batch was rolled back, those of "
+                "earlier batches are in ingest.dead_letters (`ingest dead-letters list CONFIG`)"
             )

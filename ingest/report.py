@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 from ingest.runstate import RunResult
 
 
@@ -39,7 +41,7 @@ def summary_table(result: RunResult, config: str | None = None) -> str:
 
 def dead_letter_pointer(result: RunResult, dead: int, config: str | None) -> str:
     """Where a person finds the run's dead letters, and how to load them after a config fix."""
-    command = f"ingest dead-letters list {config}" if config else "ingest dead-letters list CONFIG"
+    command = f"ingest dead-letters list {shlex.quote(config) if config else 'CONFIG'}"
     return (
         f"dead letters: {dead} in ingest.dead_letters ({command}, or "
         f"SELECT error, record FROM ingest.dead_letters WHERE run_id = '{result.run_id}'; "
