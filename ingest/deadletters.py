@@ -28,7 +28,7 @@ import structlog
 
 from ingest.config import Endpoint, LoadedConfig
 from ingest.db import Connection, open_pool
-from ingest.errors import ConfigError, LockedError
+from ingest.errors import ConfigError, LockedError, SinkError, one_line
 from ingest.migrate import pending
 from ingest.rows import POSTGRES_TYPES, RowBuilder, RowError
 from ingest.sink import LOADED_AT_COLUMN, TableSink, quote
@@ -202,7 +202,7 @@ async def replay_endpoint(
                 if not ensured:
                     await sink.ensure(connection)
                     ensured = True
-                await sink.write(connection, rows)
+                await write(connection, sink, endpoint, rows)
             await connection.execute(
                 "DELETE FROM ingest.dead_letters WHERE id = ANY($1::bigint[])",
                 [letter["id"] for letter, _ in good],
@@ -226,6 +226,21 @@ async def replay_endpoint(
             still_failing=len(failing),
         )
     return stats
+
+
+async def write(
+    connection: Connection, sink: TableSink, endpoint: Endpoint, rows: list[tuple[Any, ...]]
+) -> None:
+    """The rows into the endpoint's table as a run writes them; a refusal is one line."""
+    try:
+        await sink.write(connection, rows)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise SinkError(
+            f"endpoint {endpoint.name}: writing {len(rows)} replayed dead letters to "
+            f"{endpoint.table.schema_}.{endpoint.table.name} failed "
+            f"({type(exc).__name__}: {one_line(exc)}); nothing of this chunk was committed "
+            "and its dead letters stay"
+        ) from None
 
 
 def convert(builder: RowBuilder, letter: asyncpg.Record) -> tuple[Any, ...]:

@@ -328,3 +328,44 @@ async def test_two_replays_at_once_land_each_record_once(
     assert await db.fetchval("SELECT count(*) FROM items") == 40
     assert await db.fetchval("SELECT count(DISTINCT id) FROM items") == 40
     assert await dead_ids(db) == []
+
+
+async def test_a_replay_the_database_refuses_fails_in_one_line_and_keeps_every_dead_letter(
+    tmp_path: Path, cli_env: dict[str, str], db: Connection
+) -> None:
+    """One record of the chunk breaks a constraint: nothing of the chunk lands, nothing is lost."""
+    async with serve(page_number_app(scored_records())) as base:
+        config = tmp_path / "shop.toml"
+        config.write_text(items_config(base, score_type="integer", mode="append"))
+        code, _, err = await run_ingest("run", str(config), env=cli_env)
+        assert code == 0, err
+    await widen_score(db)
+    await db.execute("ALTER TABLE items ADD CONSTRAINT small_scores CHECK (score <> 66.5)")
+    config.write_text(items_config("http://127.0.0.1:9", score_type="double", mode="append"))
+    code, out, err = await run_ingest("dead-letters", "replay", str(config), env=cli_env)
+    assert code == 1, out + err
+    (line,) = err.strip().splitlines()
+    assert line.startswith(
+        "ingest: error: endpoint items: writing 3 replayed dead letters to public.items failed "
+        "(CheckViolationError: "
+    )
+    assert line.endswith("nothing of this chunk was committed and its dead letters stay")
+    assert await dead_ids(db) == list(BAD_IDS)
+    assert await db.fetchval("SELECT count(*) FROM items") == 37
+
+
+async def test_list_and_replay_need_no_secrets(
+    tmp_path: Path, cli_env: dict[str, str], db: Connection
+) -> None:
+    """An operator replaying after a fix may not have the API token: no request is made."""
+    config = tmp_path / "shop.toml"
+    text = items_config("http://127.0.0.1:9", score_type="integer", mode="append")
+    config.write_text(
+        text.replace(
+            "[source]\n", '[source]\nheaders = { Authorization = "Bearer ${SHOP_TOKEN}" }\n'
+        )
+    )
+    assert "SHOP_TOKEN" not in cli_env
+    for action in ("list", "replay"):
+        code, out, err = await run_ingest("dead-letters", action, str(config), env=cli_env)
+        assert code == 0, out + err
