@@ -292,6 +292,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     ]
 
 
+def utc(moment: dt.datetime) -> str:
+    """A moment as ``ingest status`` shows it: UTC, to the second."""
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
 def _one_line(text: str, width: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 3] + "..."
@@ -317,8 +322,8 @@ async def list_report(
             (
                 count.endpoint,
                 str(count.count),
-                f"{count.oldest:%Y-%m-%d %H:%M:%S%z}",
-                f"{count.newest:%Y-%m-%d %H:%M:%S%z}",
+                utc(count.oldest),
+                utc(count.newest),
             )
             for count in counts
         ],
@@ -332,7 +337,7 @@ async def list_report(
                 (
                     str(letter.id),
                     letter.endpoint,
-                    f"{letter.created_at:%Y-%m-%d %H:%M:%S%z}",
+                    utc(letter.created_at),
                     _one_line(letter.error, 60),
                     _one_line(letter.record, RECORD_EXCERPT),
                 )

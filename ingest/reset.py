@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from ingest.config import LoadedConfig
 from ingest.db import Connection, open_pool
-from ingest.deadletters import check_schema, selected
+from ingest.deadletters import check_schema, selected, utc
 from ingest.errors import LockedError
 from ingest.state import try_lock_source, unlock_source, wait_for_commits
 
@@ -51,7 +51,7 @@ class EndpointState:
         if self.cursor is not None:
             parts.append(f"cursor {self.cursor}")
         if self.parent_walk is not None:
-            parts.append(f"changed-parents mark {self.parent_walk.isoformat()}")
+            parts.append(f"changed-parents mark {utc(self.parent_walk)}")
         return ", ".join(parts)
 
 
