@@ -7,6 +7,7 @@ one a user makes when a column's type was too narrow: widen the table, widen the
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
@@ -369,3 +370,35 @@ async def test_list_and_replay_need_no_secrets(
     for action in ("list", "replay"):
         code, out, err = await run_ingest("dead-letters", action, str(config), env=cli_env)
         assert code == 0, out + err
+
+
+def kubernetes_recipe_args() -> list[str]:
+    """The ``args`` of the Kubernetes CronJob recipe in docs/operations.md, as written."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    recipe = text[text.index("### Kubernetes CronJob") :]
+    match = re.search(r"args: (\[.*?\])", recipe, re.DOTALL)
+    assert match is not None
+    args: list[str] = orjson.loads(match.group(1))
+    return args
+
+
+async def test_the_kubernetes_recipes_exit_5_rule_can_fire(
+    tmp_path: Path, cli_env: dict[str, str], db: Connection
+) -> None:
+    """The recipe's command line exits 5 once more records fail than its --max-dead-letters."""
+    args = kubernetes_recipe_args()
+    limit = int(args[args.index("--max-dead-letters") + 1])
+    records = make_records(limit + 20)
+    for record in records[: limit + 1]:
+        record["score"] = "n/a"
+    async with serve(page_number_app(records)) as base:
+        config = tmp_path / "crm.toml"
+        config.write_text(items_config(base, score_type="double", mode="append"))
+        local = [
+            {"/config/crm.toml": str(config), "0.0.0.0": "127.0.0.1", "9464": "0"}.get(arg, arg)
+            for arg in args
+        ]
+        code, out, err = await run_ingest(*local, env=cli_env)
+    assert code == 5, out + err
+    assert f"more than --max-dead-letters {limit}" in err
+    assert "ingest dead-letters list" in err
