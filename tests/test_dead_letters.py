@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 from aiohttp import web
 
 from ingest.config import parse_config
@@ -210,13 +211,19 @@ def orders_app(customers: int) -> web.Application:
     return _app({"/customers": list_customers, "/customers/{id}/orders": list_orders})
 
 
+@pytest.mark.parametrize("writers", [0, 2])
 async def test_child_replay_fills_parent_columns_from_the_stored_parent(
-    database: str, db: Connection
+    database: str, db: Connection, writers: int
 ) -> None:
+    """Also when writer processes convert the child's pages (and store its dead letters)."""
     async with serve(orders_app(4)) as base:
-        text = shop_config(base).replace(
-            'total = { path = "total", type = "double" }',
-            'total = { path = "total", type = "integer" }',
+        text = (
+            shop_config(base)
+            .replace(
+                'total = { path = "total", type = "double" }',
+                'total = { path = "total", type = "integer" }',
+            )
+            .replace("batch_size = 10", f"batch_size = 10\nwriter_processes = {writers}")
         )
         await run(parse_config(text, Path("shop.toml")), database)
     letters = await db.fetch("SELECT record, parent FROM ingest.dead_letters ORDER BY id")
