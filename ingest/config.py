@@ -231,6 +231,9 @@ class Endpoint(_Frozen):
     table: Table
     #: Pages fetched ahead at once for page_number/offset styles; ``None``: ``http.pages_ahead``.
     pages_ahead: int | None = Field(default=None, ge=1, le=64)
+    #: For a child endpoint: parents walked at once; ``None``: the source's ``max_concurrency``
+    #: (1: one parent after the other).
+    parallel_parents: int | None = Field(default=None, ge=1, le=64)
 
     @field_validator("name")
     @classmethod

@@ -315,6 +315,7 @@ class Pipeline:
                 # A backfill window is history: every parent's, whatever changed lately.
                 only_changed=endpoint.parents == "changed" and state.partition is None,
                 keep_body=state.raw_records,
+                parallel=endpoint.parallel_parents or self.source.http.max_concurrency,
             )
         paginator = make_paginator(endpoint.pagination)
         first: PageRequest
