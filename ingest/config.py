@@ -191,6 +191,9 @@ class Incremental(_Frozen):
     format: CursorFormat = "iso8601"
     lookback: str | int = 0
     start: str | int | None = None
+    #: Cursor, next_url and link_header walks with ``end_param``: cut a large run into this many
+    #: slices walked at once ("auto": from the range and the first page; "off": serial).
+    slices: Literal["auto", "off"] | Annotated[int, Field(ge=1, le=64)] = "auto"
 
     @model_validator(mode="after")
     def _values(self) -> Incremental:
