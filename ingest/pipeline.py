@@ -232,7 +232,12 @@ class Pipeline:
                 else None
             )
         resuming = bool(
-            checkpoint and not checkpoint.done and checkpoint.state and not self.options.restart
+            checkpoint
+            and not checkpoint.done
+            and checkpoint.state
+            and not self.options.restart
+            # A plan of slices left by a config that sliced: this walk cannot resume it.
+            and "slices" not in checkpoint.state
         )
         if partition is not None and checkpoint is not None and checkpoint.done:
             # A finished partition whose lease was not yet released: nothing left to fetch.

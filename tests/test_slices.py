@@ -278,3 +278,21 @@ async def _blocked(db: Connection) -> bool:
         "AND NOT granted"
     )
     return bool(waiting)
+
+
+async def test_a_plan_of_slices_left_by_an_earlier_config_does_not_wedge_a_serial_run(
+    database: str, db: Connection
+) -> None:
+    """The range filter was removed from the config after a sliced run was killed: the next
+    run walks serially from its lower bound instead of failing on the stored plan."""
+    records = spread_records(30)
+    await db.execute(
+        "INSERT INTO ingest.checkpoints (source, endpoint, state) "
+        """VALUES ('shop', 'events', '{"slices": [["slice:a/", "a", null]]}')"""
+    )
+    app = cursor_app(records)
+    async with serve(app) as base:
+        text = cursor_config(base, end_param=False)
+        result = await run(parse_config(text, Path("events.toml")), database)
+    assert not result.interrupted
+    assert await events_table(db) == source(records)
