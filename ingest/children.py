@@ -232,9 +232,10 @@ async def walk_children(
     )
     tasks: set[asyncio.Task[None]] = set()
 
-    async def walk_one(row_key: tuple[str, ...], values: dict[str, Any]) -> None:
+    async def walk_one(
+        row_key: tuple[str, ...], values: dict[str, Any], resumed: dict[str, Any] | None
+    ) -> None:
         paginator = make_paginator(endpoint.pagination)
-        resumed = walks.pop(row_key, None)
         if resumed is not None:
             first = resume_request(resumed, paginator)
         else:
@@ -286,9 +287,16 @@ async def walk_children(
                     progress.start(row_key, done=True)
                     continue
                 progress.start(row_key)
+                resumed = walks.pop(row_key, None)
+                if resumed is not None:
+                    # Open from the start: until its next page comes, every checkpoint must
+                    # still resume it where it stood, not start it over.
+                    progress.page(row_key, resumed)
                 values = {column: row[column] for column in parents.columns}
                 running += 1
-                task = asyncio.create_task(walk_one(row_key, values), name=f"child:{endpoint.name}")
+                task = asyncio.create_task(
+                    walk_one(row_key, values, resumed), name=f"child:{endpoint.name}"
+                )
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             if running == 0:

@@ -186,8 +186,9 @@ async def test_sigkill_with_parents_in_flight_then_resume_is_exact(
         state = await child_state(db)
         done_before = {int(key[0]) for key in state["done"]}
 
-        # Second run: the first parent flows, another is held; then a commit is held by a lock.
-        app[HELD][first_held].set()
+        # Second run: the first parent resumes and is held again, another is held too; then a
+        # commit is held by a lock.
+        app[HELD][first_held] = asyncio.Event()
         app[HELD][second_held] = asyncio.Event()
         app[HELD][third_held] = asyncio.Event()
         app[REQUESTS].clear()
@@ -195,6 +196,10 @@ async def test_sigkill_with_parents_in_flight_then_resume_is_exact(
         await wait_until(
             lambda: _alive_and(cli, open_and_done(second_held)), 60, "the second held parent"
         )
+        # The resumed walk, not yet past its held page, is still named open (else the next run
+        # would start it over and write its first page twice).
+        state = await child_state(db)
+        assert first_held in [int(key[0]) for key, _ in state.get("open", ())], state
         fetched_again = {
             int(r["path"].split("/")[2]) for r in app[REQUESTS] if r["path"].endswith("/orders")
         }
@@ -210,6 +215,7 @@ async def test_sigkill_with_parents_in_flight_then_resume_is_exact(
             )
             await cli.kill()
 
+        app[HELD][first_held].set()
         app[HELD][second_held].set()
         code, output = await run_cli(["run", str(config)], cli_env, tmp_path, "final")
         assert code == ExitCode.OK, output
