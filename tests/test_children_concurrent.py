@@ -254,3 +254,32 @@ async def test_many_page_parents_resume_each_open_walk_where_it_stopped(
         app[REQUESTS].clear()
         await run(loaded, database)
     assert await orders(db) == wanted(9, 7)
+
+
+async def test_a_checkpoint_of_the_serial_child_walk_resumes_inside_its_parent(
+    database: str, db: Connection
+) -> None:
+    """A run killed by an earlier version left "inside parent 3, at page 2": this version
+    resumes there (parent 3 from page 2, then 4 and 5; never 1 or 2)."""
+    app = shop_app(5, 4)
+    async with serve(app) as base:
+        loaded = parse_config(shop_config(base, mode="append"), Path("shop.toml"))
+        await run(loaded, database, endpoints=("customers",))
+        state = {
+            "parent": ["3"],
+            "request": {"url": f"{base}/customers/3/orders", "params": [["page", "2"]]},
+            "paginator": {},
+        }
+        await db.execute(
+            "INSERT INTO ingest.checkpoints (source, endpoint, state) "
+            "VALUES ('shop', 'orders', $1::jsonb)",
+            orjson.dumps(state).decode(),
+        )
+        app[REQUESTS].clear()
+        await run(loaded, database, endpoints=("orders",))
+    asked = [(r["path"], r["query"].get("page")) for r in app[REQUESTS]]
+    assert ("/customers/3/orders", "1") not in asked
+    assert ("/customers/3/orders", "2") in asked
+    assert {path for path, _ in asked} == {f"/customers/{c}/orders" for c in (3, 4, 5)}
+    expected = [row for row in wanted(5, 4) if row[2] >= 3 and not (row[2] == 3 and row[0] <= 3003)]
+    assert await orders(db) == expected

@@ -79,7 +79,13 @@ def cursor_app(records: list[dict[str, Any]]) -> web.Application:
             ]
             page = selected[:PER_PAGE]
             more = len(selected) > PER_PAGE
-            return json_response({"items": page, "next": page[-1]["id"] if more else None})
+            following = page[-1]["id"] if more else None
+            # The same next page three ways: a cursor, a next URL and a Link header.
+            url = str(request.url.update_query(after=str(following))) if more else None
+            return json_response(
+                {"items": page, "next": following, "next_url": url},
+                headers={"Link": f'<{url}>; rel="next"'} if url else None,
+            )
         finally:
             flight["now"] -= 1
 
@@ -89,8 +95,20 @@ def cursor_app(records: list[dict[str, Any]]) -> web.Application:
     return app
 
 
+STYLES = {
+    "cursor": '{ style = "cursor", cursor_path = "next", cursor_param = "after" }',
+    "next_url": '{ style = "next_url", next_url_path = "next_url" }',
+    "link_header": '{ style = "link_header" }',
+}
+
+
 def cursor_config(
-    base_url: str, *, mode: str = "append", slices: str = "", end_param: bool = True
+    base_url: str,
+    *,
+    mode: str = "append",
+    slices: str = "",
+    end_param: bool = True,
+    style: str = "cursor",
 ) -> str:
     key = 'primary_key = ["id"]' if mode == "merge" else ""
     until = 'end_param = "until"' if end_param else ""
@@ -107,7 +125,7 @@ batch_seconds = 0.05
 name = "events"
 path = "/events"
 records_path = "items"
-pagination = {{ style = "cursor", cursor_path = "next", cursor_param = "after" }}
+pagination = {STYLES[style]}
 [endpoints.incremental]
 cursor_path = "updated_at"
 param = "since"
@@ -147,8 +165,9 @@ def stored(record: dict[str, Any]) -> str:
     return str(record["updated_at"]).replace("Z", "+00:00")
 
 
+@pytest.mark.parametrize("style", list(STYLES))
 async def test_a_large_range_is_walked_in_overlapping_slices_exactly_once(
-    database: str, db: Connection
+    database: str, db: Connection, style: str
 ) -> None:
     """A first load from ``start``: several slices in flight, every row once, the high-water
     mark the highest cursor; the slices' checkpoints are gone and the endpoint's is done. The
@@ -156,7 +175,7 @@ async def test_a_large_range_is_walked_in_overlapping_slices_exactly_once(
     records = spread_records(400)
     app = cursor_app(records)
     async with serve(app) as base:
-        loaded = parse_config(cursor_config(base), Path("events.toml"))
+        loaded = parse_config(cursor_config(base, style=style), Path("events.toml"))
         result = await run(loaded, database)
         assert await events_table(db) == source(records)
         assert 1 < app[FLIGHT]["most"] <= 4
