@@ -71,6 +71,19 @@ def can_slice(endpoint: Endpoint) -> bool:
     return endpoint.pagination.style in SERIAL_STYLES and serial_reason(endpoint) is None
 
 
+def most_slices(endpoint: Endpoint, concurrency: int) -> int:
+    """The most slices a run of the endpoint may walk at once (1: it is never sliced).
+
+    Each slice has its own consumers, each holding a database connection while its batch waits
+    for its turn: the run's pool must have one for every one of them (see :mod:`ingest.runner`).
+    """
+    if not can_slice(endpoint):
+        return 1
+    assert endpoint.incremental is not None
+    setting = endpoint.incremental.slices
+    return setting if isinstance(setting, int) else concurrency
+
+
 @dataclass(frozen=True, slots=True)
 class Slice:
     """One window: its checkpoint key and bounds (canonical text; no upper for the last)."""
