@@ -367,6 +367,7 @@ class Pipeline:
         if lower is None or not lower < upper:  # type: ignore[operator]
             return []
         pages: float | None = None
+        begin: CursorValue | None = None
         if incremental.slices == "auto":
             base = start_request(self.source.base_url, endpoint)
             paginator = make_paginator(endpoint.pagination)
@@ -374,7 +375,7 @@ class Pipeline:
                 base.with_params(**{incremental.param: kind.render(lower)})
             )
             found = await probe(endpoint, self.fetcher, first, kind=kind, lower=lower, upper=upper)
-            pages = found.pages
+            pages, begin = found.pages, found.begin
             count = slice_count(incremental.slices, self.source.http.max_concurrency, pages)
             if count <= 1:
                 self._primed[endpoint.name] = PrimedFetcher(
@@ -383,7 +384,7 @@ class Pipeline:
                 return []
         else:
             count = slice_count(incremental.slices, self.source.http.max_concurrency, None)
-        slices = cut(kind, lower, upper, count)
+        slices = cut(kind, lower, upper, count, begin)
         log.info(
             "slices_planned",
             endpoint=endpoint.name,

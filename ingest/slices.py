@@ -23,6 +23,7 @@ fetched twice (:class:`PrimedFetcher`).
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,16 +110,30 @@ class Slice:
         return cls(str(key), str(lower), None if upper is None else str(upper))
 
 
-def cut(kind: CursorKind, lower: CursorValue, upper: CursorValue, count: int) -> list[Slice]:
-    """``[lower, upper)`` in ``count`` equal windows on whole seconds (days for ``date``), the
-    last one open-ended; fewer when the range is too short for that many."""
+def cut(
+    kind: CursorKind,
+    lower: CursorValue,
+    upper: CursorValue,
+    count: int,
+    begin: CursorValue | None = None,
+) -> list[Slice]:
+    """``[lower, upper)`` in ``count`` windows on whole seconds (days for ``date``), the last
+    one open-ended; fewer when the range is too short for that many.
+
+    ``begin``: where the records seem to begin (the first page's lowest value, when that page
+    came in ascending order); the windows split ``[begin, upper)`` evenly and the first one
+    still starts at ``lower``, so nothing before ``begin`` is left out if the guess is wrong.
+    """
     assert isinstance(lower, dt.datetime) and isinstance(upper, dt.datetime)
+    begin = begin if isinstance(begin, dt.datetime) and lower < begin < upper else lower
     grain = _DAY if kind.format == "date" else _SECOND
-    width = (upper - lower) / max(count, 1)
+    width = (upper - begin) / max(count, 1)
     width = max(grain, (width // grain) * grain)
     bounds: list[CursorValue] = [lower]
-    while len(bounds) < count and kind.plus(bounds[-1], width) < upper:  # type: ignore[operator]
-        bounds.append(kind.plus(bounds[-1], width))
+    following = kind.plus(begin, width)
+    while len(bounds) < count and following < upper:  # type: ignore[operator]
+        bounds.append(following)
+        following = kind.plus(following, width)
     texts = [kind.dump(bound) for bound in bounds]
     uppers: list[str | None] = [*texts[1:], None]
     return [
@@ -133,28 +148,25 @@ def _seconds(value: CursorValue) -> float:
 
 def estimated_pages(
     endpoint: Endpoint, kind: CursorKind, records: list[Any], lower: CursorValue, upper: CursorValue
-) -> float:
-    """Pages of ``[lower, upper)`` if the whole range is as dense as this first page.
+) -> tuple[float, CursorValue | None]:
+    """Pages of the range if all of it is as dense as this first page, and where the records
+    seem to begin (None: at ``lower`` as far as we can tell).
 
-    The page's records span some part of the range (ascending order: from ``lower`` to their
-    highest value; any other order: between their lowest and highest); that span holds one page.
+    The span between the page's lowest and highest cursor value holds one page. A page in
+    ascending order is the start of the data: the range to fill runs from its lowest value.
     """
     incremental = endpoint.incremental
     assert incremental is not None
     get = compile_path(incremental.cursor_path)
     values = [value for value in map(kind.parse, map(get, records)) if value is not None]
     if not values:
-        return 1.0
-    low = min(values)
-    high = max(values)
-    start = lower if low < _after(kind, lower) else low  # type: ignore[operator]
-    span = max(_seconds(high) - _seconds(start), 1.0)
-    return max(1.0, (_seconds(upper) - _seconds(lower)) / span)
-
-
-def _after(kind: CursorKind, lower: CursorValue) -> CursorValue:
-    """Values below this count as "starting at the lower bound" (ascending pages)."""
-    return kind.plus(lower, dt.timedelta(seconds=1))
+        return 1.0, None
+    low, high = min(values), max(values)
+    ascending = all(a <= b for a, b in itertools.pairwise(values))  # type: ignore[operator]
+    begin = low if ascending else None
+    span = max(_seconds(high) - _seconds(low), 1.0)
+    start = begin if begin is not None else lower
+    return max(1.0, (_seconds(upper) - _seconds(start)) / span), begin
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +176,8 @@ class Probe:
     request: PageRequest
     response: HttpResponse
     pages: float
+    #: Where the records seem to begin (see :func:`estimated_pages`).
+    begin: CursorValue | None = None
 
 
 async def probe(
@@ -181,8 +195,10 @@ async def probe(
     paginator = make_paginator(endpoint.pagination)
     paginator.first_request(first)
     following = paginator.next_request(Page(first, response, records))
-    pages = 1.0 if following is None else estimated_pages(endpoint, kind, records, lower, upper)
-    return Probe(first, response, pages)
+    if following is None:
+        return Probe(first, response, 1.0)
+    pages, begin = estimated_pages(endpoint, kind, records, lower, upper)
+    return Probe(first, response, pages, begin)
 
 
 def slice_count(setting: str | int, concurrency: int, pages: float | None) -> int:

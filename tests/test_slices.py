@@ -18,8 +18,10 @@ import pytest
 from aiohttp import web
 
 from ingest.config import parse_config
+from ingest.cursor import CursorKind
 from ingest.errors import ExitCode
 from ingest.secrets import Redactor
+from ingest.slices import cut, estimated_pages
 from ingest.validate import validate
 from tests.helpers import run
 from tests.processes import Cli, run_cli, spawn, wait_until
@@ -315,3 +317,32 @@ async def test_a_plan_of_slices_left_by_an_earlier_config_does_not_wedge_a_seria
         result = await run(parse_config(text, Path("events.toml")), database)
     assert not result.interrupted
     assert await events_table(db) == source(records)
+
+
+def test_cut_spreads_the_slices_over_where_the_records_begin_and_covers_the_whole_range() -> None:
+    kind = CursorKind("iso8601")
+    lower = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+    begin = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+    upper = dt.datetime(2025, 1, 5, tzinfo=dt.UTC)
+    slices = cut(kind, lower, upper, 4, begin)
+    assert [(item.lower, item.upper) for item in slices] == [
+        ("2020-01-01T00:00:00+00:00", "2025-01-02T00:00:00+00:00"),
+        ("2025-01-02T00:00:00+00:00", "2025-01-03T00:00:00+00:00"),
+        ("2025-01-03T00:00:00+00:00", "2025-01-04T00:00:00+00:00"),
+        ("2025-01-04T00:00:00+00:00", None),
+    ]
+    # A range too short for that many whole seconds makes fewer slices.
+    assert len(cut(kind, begin, begin + dt.timedelta(seconds=2), 8)) == 2
+
+
+def test_the_first_page_estimates_the_pages_of_the_range() -> None:
+    endpoint = parse_config(cursor_config("http://127.0.0.1:1"), Path("e.toml")).source.endpoints[0]
+    kind = CursorKind("iso8601")
+    lower = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+    upper = lower + dt.timedelta(hours=100)
+    ascending = [{"updated_at": iso(lower + dt.timedelta(hours=10 + i))} for i in range(3)]
+    pages, begin = estimated_pages(endpoint, kind, ascending, lower, upper)
+    assert (round(pages), begin) == (45, lower + dt.timedelta(hours=10))
+    newest_first = list(reversed(ascending))
+    pages, begin = estimated_pages(endpoint, kind, newest_first, lower, upper)
+    assert (round(pages), begin) == (50, None)
