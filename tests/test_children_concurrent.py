@@ -19,6 +19,7 @@ from aiohttp import web
 
 from ingest.config import parse_config
 from ingest.errors import ExitCode
+from ingest.status import cursor_of
 from tests.helpers import run
 from tests.processes import Cli, run_cli, spawn, wait_until
 from tests.resume_servers import customer_orders
@@ -283,3 +284,12 @@ async def test_a_checkpoint_of_the_serial_child_walk_resumes_inside_its_parent(
     assert {path for path, _ in asked} == {f"/customers/{c}/orders" for c in (3, 4, 5)}
     expected = [row for row in wanted(5, 4) if row[2] >= 3 and not (row[2] == 3 and row[0] <= 3003)]
     assert await orders(db) == expected
+
+
+def test_status_shows_where_a_child_walk_stands() -> None:
+    state = {"after": ["17"], "done": [["19"]], "open": [[["18"], {"request": {"url": "x"}}]]}
+    assert cursor_of({"state": state, "done": False}) == (
+        "parents done through 17; 1 open",
+        None,
+    )
+    assert cursor_of({"state": {"after": None}, "done": False})[0] == "no parent done; 0 open"
