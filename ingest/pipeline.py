@@ -477,6 +477,7 @@ class Pipeline:
         endpoint = state.endpoint
         params = self._start_params(state)
         if endpoint.parent is not None:
+            parallel = endpoint.parallel_parents or self.source.http.max_concurrency
             return walk_children(
                 endpoint,
                 self.source.endpoint(endpoint.parent),
@@ -486,14 +487,14 @@ class Pipeline:
                 params=params,
                 state=resume,
                 redact_url=self.redact_url,
-                pages_ahead=self.source.pages_ahead(endpoint),
+                pages_ahead=self._child_pages_ahead(endpoint, parallel),
                 credential_params=self.source.credential_params(),
                 typed=state.typed,
                 source=self.source.name,
                 # A backfill window is history: every parent's, whatever changed lately.
                 only_changed=endpoint.parents == "changed" and state.partition is None,
                 keep_body=state.raw_records,
-                parallel=endpoint.parallel_parents or self.source.http.max_concurrency,
+                parallel=parallel,
             )
         primed = self._primed.pop(endpoint.name, None)
         fetcher: Fetcher = primed if primed is not None else self.fetcher
@@ -523,6 +524,14 @@ class Pipeline:
             parse=state.typed,
             keep_body=state.raw_records,
         )
+
+    def _child_pages_ahead(self, endpoint: Endpoint, parallel: int) -> int:
+        """Pages fetched ahead inside each parent's walk: one at a time when several parents
+        are walked at once (they fill the concurrency budget without speculative requests past
+        each parent's end), unless the endpoint itself sets ``pages_ahead``."""
+        if parallel > 1:
+            return endpoint.pages_ahead or 1
+        return self.source.pages_ahead(endpoint)
 
     async def _produce(self, state: EndpointRun, pages: AsyncGenerator[FetchedPage, None]) -> None:
         """Move pages into the queue until the walk ends or a stop is asked for.

@@ -293,3 +293,19 @@ def test_status_shows_where_a_child_walk_stands() -> None:
         None,
     )
     assert cursor_of({"state": {"after": None}, "done": False})[0] == "no parent done; 0 open"
+
+
+async def test_parents_walked_at_once_do_not_fetch_ahead_past_each_parents_end(
+    database: str, db: Connection
+) -> None:
+    """``http.pages_ahead`` does not apply inside each parent's walk when several parents are
+    walked at once: they fill the budget, and one-page parents cost one request each."""
+    app = shop_app(20, 0)
+    async with serve(app) as base:
+        text = shop_config(base, mode="append").replace(
+            "max_concurrency = 4", "max_concurrency = 4\npages_ahead = 8"
+        )
+        await run(parse_config(text, Path("shop.toml")), database)
+    assert await orders(db) == wanted(20, 0)
+    pages = [r["query"].get("page") for r in app[REQUESTS] if r["path"].endswith("/orders")]
+    assert pages == ["1"] * 20
