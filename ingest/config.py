@@ -191,6 +191,9 @@ class Incremental(_Frozen):
     format: CursorFormat = "iso8601"
     lookback: str | int = 0
     start: str | int | None = None
+    #: Cursor, next_url and link_header walks with ``end_param``: cut a large run into this many
+    #: slices walked at once ("auto": from the range and the first page; "off": serial).
+    slices: Literal["auto", "off"] | Annotated[int, Field(ge=1, le=64)] = "auto"
 
     @model_validator(mode="after")
     def _values(self) -> Incremental:
@@ -231,6 +234,9 @@ class Endpoint(_Frozen):
     table: Table
     #: Pages fetched ahead at once for page_number/offset styles; ``None``: ``http.pages_ahead``.
     pages_ahead: int | None = Field(default=None, ge=1, le=64)
+    #: For a child endpoint: parents walked at once; ``None``: the source's ``max_concurrency``
+    #: (1: one parent after the other).
+    parallel_parents: int | None = Field(default=None, ge=1, le=64)
 
     @field_validator("name")
     @classmethod

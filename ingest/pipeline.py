@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import time
 import uuid
 from collections import Counter
@@ -40,6 +41,7 @@ from ingest.errors import (
     LockedError,
     one_line,
 )
+from ingest.events import NullObserver
 from ingest.http.messages import PageRequest
 from ingest.offload import WriterPool
 from ingest.paginate import make_paginator
@@ -50,14 +52,21 @@ from ingest.runstate import (
     Partition,
     RunOptions,
     RunResult,
+    larger,
 )
 from ingest.server_load import ServerLoad
 from ingest.sink import TableSink
+from ingest.slices import SLICE_PREFIX, PrimedFetcher, Slice, can_slice, cut, probe, slice_count
 from ingest.source import FetchedPage, Fetcher, resume_request, start_request, walk_endpoint
 from ingest.state import (
+    Checkpoint,
+    delete_checkpoints,
     finish_run,
     load_checkpoint,
+    load_checkpoints,
     load_cursor,
+    save_checkpoint,
+    save_cursor,
     start_run,
     try_lock_source,
     unlock_source,
@@ -96,6 +105,8 @@ class Pipeline:
         #: Writer processes for the batches of scheduled walks (``pipeline.writer_processes``).
         self.writers = writers
         self._ensured: set[str] = set()
+        #: Per endpoint: the fetcher that answers its first request from the slice probe.
+        self._primed: dict[str, PrimedFetcher] = {}
 
     def selected_endpoints(self) -> list[Endpoint]:
         if not self.options.endpoints:
@@ -209,6 +220,8 @@ class Pipeline:
         # This task runs in its own copy of the context, so the binding reaches exactly the
         # log events of this endpoint's producer, consumers and HTTP requests.
         structlog.contextvars.bind_contextvars(endpoint=endpoint.name)
+        if partition is None and can_slice(endpoint) and await self._run_sliced(endpoint):
+            return
         stats = self.stats.setdefault(_stats_key(endpoint, partition), EndpointStats())
         key = partition.key if partition else ""
         async with self.pool.acquire() as connection:
@@ -219,7 +232,12 @@ class Pipeline:
                 else None
             )
         resuming = bool(
-            checkpoint and not checkpoint.done and checkpoint.state and not self.options.restart
+            checkpoint
+            and not checkpoint.done
+            and checkpoint.state
+            and not self.options.restart
+            # A plan of slices left by a config that sliced: this walk cannot resume it.
+            and "slices" not in checkpoint.state
         )
         if partition is not None and checkpoint is not None and checkpoint.done:
             # A finished partition whose lease was not yet released: nothing left to fetch.
@@ -255,12 +273,16 @@ class Pipeline:
             high_water=cursor.load(stored_cursor) if cursor and stored_cursor else None,
             offloaded=offloaded,
             encoder=encoder,
+            # Slices of one run may meet the same key (a record that moved while they ran):
+            # every batch stages and upserts at its turn, never COPYs a key another may hold.
+            merge_direct=not _is_slice(partition),
         )
         if resuming and checkpoint and cursor and checkpoint.cursor_max:
             state.cursor_max = cursor.load(checkpoint.cursor_max)
         stats.resumed = resuming
         pages = self._pages(state, checkpoint.state if resuming and checkpoint else None)
-        observer = self.options.observer
+        # A sliced run tells the observer of the endpoint once, not of each slice.
+        observer = self.options.observer if not _is_slice(partition) else NullObserver()
         observer.endpoint_started(endpoint.name, resumed=stats.resumed, total=None)
         try:
             async with asyncio.TaskGroup() as group:
@@ -282,15 +304,171 @@ class Pipeline:
         incremental = state.endpoint.incremental
         if incremental is None or state.cursor is None:
             return {}
-        kind = state.cursor
-        lower: CursorValue | None
-        if state.high_water is not None:
-            lower = kind.minus(state.high_water, kind.parse_step(incremental.lookback))
-        elif incremental.start is not None:
-            lower = kind.parse_bound(incremental.start)
-        else:
+        lower = _lower_bound(state.endpoint, state.high_water)
+        if lower is None:
             return {}
-        return {incremental.param: kind.render(lower)}
+        return {incremental.param: state.cursor.render(lower)}
+
+    async def _run_sliced(self, endpoint: Endpoint) -> bool:
+        """Run the endpoint as slices walked at once (:mod:`ingest.slices`); False: serially.
+
+        A stored plan (the endpoint's checkpoint holds ``{"slices": [...]}``) is resumed as it
+        is; a serial walk in progress stays serial; otherwise a new plan is made and saved
+        before any slice starts.
+        """
+        incremental = endpoint.incremental
+        assert incremental is not None
+        kind = incremental.kind()
+        async with self.pool.acquire() as connection:
+            checkpoint = await load_checkpoint(connection, self.source.name, endpoint.name)
+            stored = await load_cursor(connection, self.source.name, endpoint.name)
+        high_water = kind.load(stored) if stored else None
+        unfinished = (
+            checkpoint is not None
+            and not checkpoint.done
+            and checkpoint.state is not None
+            and not self.options.restart
+        )
+        if unfinished and checkpoint is not None and "slices" in (checkpoint.state or {}):
+            assert checkpoint.state is not None
+            slices = [Slice.from_state(item) for item in checkpoint.state["slices"]]
+            resumed = True
+        elif unfinished:
+            return False
+        else:
+            slices = await self._plan_slices(endpoint, high_water)
+            if len(slices) <= 1:
+                return False
+            resumed = False
+            async with self.pool.acquire() as connection, connection.transaction():
+                await delete_checkpoints(
+                    connection, self.source.name, endpoint.name, prefix=SLICE_PREFIX
+                )
+                await save_checkpoint(
+                    connection,
+                    source=self.source.name,
+                    endpoint=endpoint.name,
+                    checkpoint=Checkpoint(
+                        {"slices": [item.to_state() for item in slices]}, False, 0, 0
+                    ),
+                    run_id=self.run_id,
+                )
+        log.info("slices", endpoint=endpoint.name, slices=len(slices), resumed=resumed)
+        await self._walk_slices(endpoint, slices, high_water, resumed=resumed)
+        return True
+
+    async def _plan_slices(self, endpoint: Endpoint, high_water: CursorValue | None) -> list[Slice]:
+        """This run's slices, or none (a range too small, or of unknown bounds: serial)."""
+        incremental = endpoint.incremental
+        assert incremental is not None
+        kind = incremental.kind()
+        lower = _lower_bound(endpoint, high_water)
+        upper = dt.datetime.now(dt.UTC)
+        if lower is None or not lower < upper:  # type: ignore[operator]
+            return []
+        pages: float | None = None
+        begin: CursorValue | None = None
+        if incremental.slices == "auto":
+            base = start_request(self.source.base_url, endpoint)
+            paginator = make_paginator(endpoint.pagination)
+            first = paginator.first_request(
+                base.with_params(**{incremental.param: kind.render(lower)})
+            )
+            found = await probe(endpoint, self.fetcher, first, kind=kind, lower=lower, upper=upper)
+            pages, begin = found.pages, found.begin
+            count = slice_count(incremental.slices, self.source.http.max_concurrency, pages)
+            if count <= 1:
+                self._primed[endpoint.name] = PrimedFetcher(
+                    self.fetcher, found.request, found.response
+                )
+                return []
+        else:
+            count = slice_count(incremental.slices, self.source.http.max_concurrency, None)
+        slices = cut(kind, lower, upper, count, begin)
+        log.info(
+            "slices_planned",
+            endpoint=endpoint.name,
+            slices=len(slices),
+            estimated_pages=round(pages) if pages is not None else None,
+            lower=kind.dump(lower),
+        )
+        return slices
+
+    async def _walk_slices(
+        self,
+        endpoint: Endpoint,
+        slices: Sequence[Slice],
+        high_water: CursorValue | None,
+        *,
+        resumed: bool,
+    ) -> None:
+        """Walk every slice at once; when all have committed, move the high-water mark."""
+        incremental = endpoint.incremental
+        assert incremental is not None
+        kind = incremental.kind()
+        observer = self.options.observer
+        observer.endpoint_started(endpoint.name, resumed=resumed, total=None)
+        started = time.monotonic()
+        ok = False
+        try:
+            async with asyncio.TaskGroup() as group:
+                for item in slices:
+                    partition = Partition(item.key, item.params(endpoint, kind))
+                    group.create_task(
+                        self._run_endpoint(endpoint, partition), name=f"slice:{endpoint.name}"
+                    )
+            ok = True
+        finally:
+            parts = [
+                self.stats.pop(f"{endpoint.name}[{item.key}]", EndpointStats()) for item in slices
+            ]
+            stats = self.stats.setdefault(endpoint.name, EndpointStats(started=started))
+            stats.resumed = resumed
+            for part in parts:
+                stats.pages += part.pages
+                stats.records += part.records
+                stats.dead_letters += part.dead_letters
+                stats.batches += part.batches
+                stats.typed_pages += part.typed_pages
+            finished = ok and all(part.finished is not None for part in parts)
+            observer.endpoint_finished(endpoint.name, ok=finished)
+        if not finished:
+            return
+        keys = [item.key for item in slices]
+        async with self.pool.acquire() as connection, connection.transaction():
+            done = await load_checkpoints(connection, self.source.name, endpoint.name, keys)
+            if len(done) < len(keys) or not all(point.done for point in done.values()):
+                return
+            best = high_water
+            for point in done.values():
+                if point.cursor_max is not None:
+                    best = larger(best, kind.load(point.cursor_max))
+            if best is not None:
+                await save_cursor(
+                    connection,
+                    source=self.source.name,
+                    endpoint=endpoint.name,
+                    value=kind.dump(best),
+                    run_id=self.run_id,
+                )
+            await save_checkpoint(
+                connection,
+                source=self.source.name,
+                endpoint=endpoint.name,
+                checkpoint=Checkpoint(
+                    None,
+                    True,
+                    sum(point.records for point in done.values()),
+                    sum(point.pages for point in done.values()),
+                    kind.dump(best) if best is not None else None,
+                ),
+                run_id=self.run_id,
+            )
+            await delete_checkpoints(
+                connection, self.source.name, endpoint.name, prefix=SLICE_PREFIX
+            )
+        stats.finished = time.monotonic()
+        log.info("endpoint_done", endpoint=endpoint.name, slices=len(slices), **stats.as_dict())
 
     def _pages(
         self, state: EndpointRun, resume: dict[str, Any] | None
@@ -299,6 +477,7 @@ class Pipeline:
         endpoint = state.endpoint
         params = self._start_params(state)
         if endpoint.parent is not None:
+            parallel = endpoint.parallel_parents or self.source.http.max_concurrency
             return walk_children(
                 endpoint,
                 self.source.endpoint(endpoint.parent),
@@ -308,14 +487,17 @@ class Pipeline:
                 params=params,
                 state=resume,
                 redact_url=self.redact_url,
-                pages_ahead=self.source.pages_ahead(endpoint),
+                pages_ahead=self._child_pages_ahead(endpoint, parallel),
                 credential_params=self.source.credential_params(),
                 typed=state.typed,
                 source=self.source.name,
                 # A backfill window is history: every parent's, whatever changed lately.
                 only_changed=endpoint.parents == "changed" and state.partition is None,
                 keep_body=state.raw_records,
+                parallel=parallel,
             )
+        primed = self._primed.pop(endpoint.name, None)
+        fetcher: Fetcher = primed if primed is not None else self.fetcher
         paginator = make_paginator(endpoint.pagination)
         first: PageRequest
         if resume is not None:
@@ -332,7 +514,7 @@ class Pipeline:
             first = paginator.first_request(base)
         return walk_endpoint(
             endpoint,
-            self.fetcher,
+            fetcher,
             paginator,
             first,
             resumed=resume is not None,
@@ -342,6 +524,14 @@ class Pipeline:
             parse=state.typed,
             keep_body=state.raw_records,
         )
+
+    def _child_pages_ahead(self, endpoint: Endpoint, parallel: int) -> int:
+        """Pages fetched ahead inside each parent's walk: one at a time when several parents
+        are walked at once (they fill the concurrency budget without speculative requests past
+        each parent's end), unless the endpoint itself sets ``pages_ahead``."""
+        if parallel > 1:
+            return endpoint.pages_ahead or 1
+        return self.source.pages_ahead(endpoint)
 
     async def _produce(self, state: EndpointRun, pages: AsyncGenerator[FetchedPage, None]) -> None:
         """Move pages into the queue until the walk ends or a stop is asked for.
@@ -446,6 +636,24 @@ async def _next_or_stop(
     if fetch.cancelled():
         return _STOPPED
     return fetch.result()
+
+
+def _is_slice(partition: Partition | None) -> bool:
+    return partition is not None and partition.key.startswith(SLICE_PREFIX)
+
+
+def _lower_bound(endpoint: Endpoint, high_water: CursorValue | None) -> CursorValue | None:
+    """A fresh incremental walk's lower bound: the high-water mark minus the lookback, else
+    the configured start, else none (everything)."""
+    incremental = endpoint.incremental
+    if incremental is None:
+        return None
+    kind = incremental.kind()
+    if high_water is not None:
+        return kind.minus(high_water, kind.parse_step(incremental.lookback))
+    if incremental.start is not None:
+        return kind.parse_bound(incremental.start)
+    return None
 
 
 def _stats_key(endpoint: Endpoint, partition: Partition | None) -> str:

@@ -27,6 +27,7 @@ from ingest.offload import WriterPool, WriterSetup
 from ingest.pipeline import Pipeline
 from ingest.runstate import RunOptions, RunResult
 from ingest.secrets import Redactor
+from ingest.slices import most_slices
 from ingest.tuning import relaxed_gc
 
 log = structlog.get_logger("ingest.runner")
@@ -114,7 +115,9 @@ async def run_source(
     source = loaded.source
     stop = options.stop or asyncio.Event()
     options = dataclasses.replace(options, stop=stop)
-    pool_size = len(source.endpoints) * source.pipeline.consumers + 2
+    # A connection for every consumer of every endpoint (of every slice of a sliced one).
+    walks = sum(most_slices(endpoint, source.http.max_concurrency) for endpoint in source.endpoints)
+    pool_size = walks * source.pipeline.consumers + 2
     async with connected(loaded, dsn, redactor, pool_size=pool_size, observer=options.observer) as (
         pool,
         http,

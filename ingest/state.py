@@ -80,6 +80,42 @@ async def save_checkpoint(
     )
 
 
+async def load_checkpoints(
+    connection: Connection, source: str, endpoint: str, partitions: Sequence[str]
+) -> dict[str, Checkpoint]:
+    """The checkpoints of some partitions of an endpoint (the slices of a run), by key."""
+    rows = await connection.fetch(
+        "SELECT partition, state, done, records, pages, cursor_max FROM ingest.checkpoints "
+        "WHERE source = $1 AND endpoint = $2 AND partition = ANY($3::text[])",
+        source,
+        endpoint,
+        list(partitions),
+    )
+    return {
+        row["partition"]: Checkpoint(
+            orjson.loads(row["state"]) if row["state"] is not None else None,
+            row["done"],
+            row["records"],
+            row["pages"],
+            row["cursor_max"],
+        )
+        for row in rows
+    }
+
+
+async def delete_checkpoints(
+    connection: Connection, source: str, endpoint: str, *, prefix: str
+) -> None:
+    """Drop an endpoint's partition checkpoints whose key starts with ``prefix`` (its slices)."""
+    await connection.execute(
+        "DELETE FROM ingest.checkpoints WHERE source = $1 AND endpoint = $2 "
+        "AND partition <> '' AND starts_with(partition, $3)",
+        source,
+        endpoint,
+        prefix,
+    )
+
+
 async def reset_checkpoint(
     connection: Connection, source: str, endpoint: str, partition: str = ""
 ) -> None:

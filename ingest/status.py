@@ -303,6 +303,10 @@ def cursor_of(row: Mapping[str, Any]) -> tuple[str, dt.datetime | None]:
         if shown:
             return "&".join(shown), None
         return str(request.get("url", "?")).rsplit("/", 1)[-1] or "?", None
+    if "after" in state or "from" in state:  # a child walk (ingest.children)
+        after = state.get("after")
+        done = "parents done through " + ",".join(map(str, after)) if after else "no parent done"
+        return f"{done}; {len(state.get('open', ()))} open", None
     return "start", None
 
 

@@ -44,6 +44,7 @@ from ingest.migrate import pending
 from ingest.paginate import make_paginator
 from ingest.rows import RowBuilder
 from ingest.secrets import Redactor, Secret
+from ingest.slices import serial_reason
 from ingest.source import extract_records, start_request
 from ingest.typed import typed_pages_for, why_not_typed
 
@@ -195,7 +196,11 @@ async def validate(
     if config.loaded is None:
         return Validation(_redacted(config.problems, redactor), 0, False)
     problems = list(config.problems)
-    notes: list[str] = []
+    notes: list[str] = [
+        f"endpoint {endpoint.name}: note: {reason}"
+        for endpoint in config.loaded.source.endpoints
+        if (reason := serial_reason(endpoint)) is not None
+    ]
     checked = 0
     if config.unset_auth:
         notes.append(

@@ -27,6 +27,8 @@ from tests.test_incremental import shop_config
 
 Connection = asyncpg.Connection
 VERSIONS: web.AppKey[dict[int, int]] = web.AppKey("versions", dict)
+#: Customers whose orders are held until the event is set (a walk the test stops mid-way).
+HELD: web.AppKey[dict[int, asyncio.Event]] = web.AppKey("held", dict)
 PER_CUSTOMER = 4
 
 
@@ -50,10 +52,14 @@ def versioned_customers_app(customers: int, *, latency: float = 0.0) -> web.Appl
     async def list_orders(request: web.Request) -> web.Response:
         if latency:
             await asyncio.sleep(latency)
+        held = app[HELD].get(int(request.match_info["id"]))
+        if held is not None:
+            await held.wait()
         return paged(customer_orders(int(request.match_info["id"]), PER_CUSTOMER), request)
 
     app = _app({"/customers": list_customers, "/customers/{id}/orders": list_orders})
     app[VERSIONS] = {index: index for index in range(1, customers + 1)}
+    app[HELD] = {}
     return app
 
 
@@ -157,6 +163,8 @@ async def test_an_interrupted_changed_walk_resumes_with_the_same_window(
         for customer in (2, 5, 8, 9):
             app[VERSIONS][customer] = 50
         app[REQUESTS].clear()
+        # The last changed parent is held: the walk cannot end before the test stops it.
+        app[HELD][9] = asyncio.Event()
 
         async def inside_the_walk() -> bool:
             state = await db.fetchval(
@@ -169,6 +177,7 @@ async def test_an_interrupted_changed_walk_resumes_with_the_same_window(
         stop.set()
         with pytest.raises(InterruptedRun):
             await task
+        app[HELD][9].set()
         state = orjson.loads(
             await db.fetchval("SELECT state FROM ingest.checkpoints WHERE endpoint = 'orders'")
         )
