@@ -692,16 +692,25 @@ static int read_object(paths *tree, int node_index, const char *p, const char *e
         *flags |= key_flags;
         const char *key = p + 1;
         Py_ssize_t key_length = key_end - p - 2;
+        char *key_heap = NULL; /* an escaped key longer than key_buffer, unescaped */
         if (key_flags & F_ESCAPE) {
+            /* The unescaped key is never longer than its token (quotes included). A long
+               token may still unescape to a configured key (\u escapes take six bytes a
+               character), so it is unescaped on the heap, never skipped. */
+            char *into = key_buffer;
             if (key_end - p > (Py_ssize_t)sizeof key_buffer) {
-                key = NULL; /* no configured key is that long: matches nothing */
-            } else {
-                key_length = unescape(p, key_end - p, key_buffer);
-                key = key_buffer;
+                key_heap = PyMem_RawMalloc((size_t)(key_end - p));
+                if (key_heap == NULL) return 1; /* no memory: refuse, the Python path decides */
+                into = key_heap;
             }
+            key_length = unescape(p, key_end - p, into);
+            key = into;
         }
         p = skip_ws(key_end, end);
-        if (p >= end || *p != ':') return 1;
+        if (p >= end || *p != ':') {
+            PyMem_RawFree(key_heap);
+            return 1;
+        }
         p = skip_ws(p + 1, end);
         const entry *match = NULL;
         if (key != NULL) {
@@ -725,6 +734,7 @@ static int read_object(paths *tree, int node_index, const char *p, const char *e
                 }
             }
         }
+        PyMem_RawFree(key_heap); /* only the key's bytes were needed, for the match */
         span value;
         if (match != NULL && match->child >= 0) {
             /* a later duplicate of the key replaces the earlier object, as in a dict */
@@ -969,6 +979,9 @@ static int put_json_value(buffer *out, int kind, int required, const span *value
         if (value->token != T_INT && value->token != T_FLOAT) return 1;
         if (value->token == T_INT && value->length > 18) return 1;
         if (!parse_double(value->start, value->length, &number)) return 1;
+        /* A JSON integer is a Python int, and float(-0) is 0.0: only "-0.0" and the like
+           (JSON floats) are negative zero, as on the Python path. */
+        if (value->token == T_INT && number == 0.0) number = 0.0;
         return put_double(out, number);
     }
     case K_BOOLEAN:
@@ -1281,6 +1294,140 @@ static int read_spec(PyObject *spec_arg, record_spec *spec) {
     return status;
 }
 
+/* ---- validate: is a page JSON that orjson.loads accepts? ------------------------------- */
+
+/* orjson's nesting limit: 1024 arrays or objects deep parse, 1025 do not. */
+#define ORJSON_MAX_DEPTH 1024
+
+enum { V_OK = 0, V_MALFORMED, V_INFINITE, V_DEEP };
+
+/* A number token at p as orjson reads it: 0 ok (end in *after), else why not. Integers past
+   64 bits and every fraction or exponent are doubles to orjson, refused when infinite. */
+static int validate_number(const char *p, const char *end, const char **after) {
+    const char *start = p;
+    if (p < end && *p == '-') p++;
+    if (p >= end) return V_MALFORMED;
+    Py_ssize_t whole = 0; /* digits before the point */
+    if (*p == '0') {
+        p++;
+        whole = 0;
+    } else if (*p >= '1' && *p <= '9') {
+        while (p < end && *p >= '0' && *p <= '9') p++;
+        whole = (p - start) - (*start == '-');
+    } else {
+        return V_MALFORMED;
+    }
+    if (p < end && *p == '.') {
+        p++;
+        if (p >= end || *p < '0' || *p > '9') return V_MALFORMED;
+        while (p < end && *p >= '0' && *p <= '9') p++;
+    }
+    long exponent = 0;
+    if (p < end && (*p == 'e' || *p == 'E')) {
+        p++;
+        int negative = 0;
+        if (p < end && (*p == '+' || *p == '-')) negative = *p++ == '-';
+        if (p >= end || *p < '0' || *p > '9') return V_MALFORMED;
+        while (p < end && *p >= '0' && *p <= '9') {
+            if (exponent < 100000) exponent = exponent * 10 + (*p - '0');
+            p++;
+        }
+        if (negative) exponent = -exponent;
+    }
+    *after = p;
+    /* Below 10^308 whatever the digits: finite. Only a larger magnitude needs strtod. */
+    if (whole + exponent < 308) return V_OK;
+    size_t length = (size_t)(p - start);
+    char *text = PyMem_RawMalloc(length + 1);
+    if (text == NULL) return V_MALFORMED;
+    memcpy(text, start, length);
+    text[length] = '\0';
+    double number = strtod_l(text, NULL, C_LOCALE);
+    PyMem_RawFree(text);
+    return isfinite(number) ? V_OK : V_INFINITE;
+}
+
+static int validate_value(const char *p, const char *end, int depth, const char **after) {
+    if (p >= end) return V_MALFORMED;
+    int flags = 0;
+    switch (*p) {
+    case '"':
+        *after = parse_string(p, end, &flags);
+        return *after != NULL ? V_OK : V_MALFORMED;
+    case 't':
+        *after = p + 4;
+        return literal(p, end, "true", 4) ? V_OK : V_MALFORMED;
+    case 'f':
+        *after = p + 5;
+        return literal(p, end, "false", 5) ? V_OK : V_MALFORMED;
+    case 'n':
+        *after = p + 4;
+        return literal(p, end, "null", 4) ? V_OK : V_MALFORMED;
+    case '{':
+    case '[':
+        break;
+    default:
+        return validate_number(p, end, after);
+    }
+    if (depth >= ORJSON_MAX_DEPTH) return V_DEEP;
+    char close = *p == '{' ? '}' : ']';
+    p = skip_ws(p + 1, end);
+    if (p < end && *p == close) {
+        *after = p + 1;
+        return V_OK;
+    }
+    for (;;) {
+        if (close == '}') {
+            if (p >= end || *p != '"') return V_MALFORMED;
+            p = parse_string(p, end, &flags);
+            if (p == NULL) return V_MALFORMED;
+            p = skip_ws(p, end);
+            if (p >= end || *p != ':') return V_MALFORMED;
+            p = skip_ws(p + 1, end);
+        }
+        int status = validate_value(p, end, depth + 1, &p);
+        if (status != V_OK) return status;
+        p = skip_ws(p, end);
+        if (p >= end) return V_MALFORMED;
+        if (*p == ',') {
+            p = skip_ws(p + 1, end);
+            continue;
+        }
+        if (*p != close) return V_MALFORMED;
+        *after = p + 1;
+        return V_OK;
+    }
+}
+
+PyDoc_STRVAR(validate_doc,
+"validate(body) -> str | None\n\n"
+"None when ``orjson.loads(body)`` would accept the bytes, else why not (malformed, a number\n"
+"that is infinite as a double, or nested deeper than orjson's 1024 levels). For parsers that\n"
+"skip what they do not read (msgspec), so that every parser refuses the same pages.");
+
+static PyObject *validate(PyObject *module, PyObject *arg) {
+    (void)module;
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    const char *p = view.buf, *end = p + view.len, *after = NULL;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = validate_value(skip_ws(p, end), end, 0, &after);
+    if (status == V_OK && skip_ws(after, end) != end) status = V_MALFORMED;
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    switch (status) {
+    case V_OK:
+        Py_RETURN_NONE;
+    case V_INFINITE:
+        return PyUnicode_FromString("a number is infinity when parsed as double");
+    case V_DEEP:
+        return PyUnicode_FromString("nested deeper than 1024 levels");
+    default:
+        return PyUnicode_FromString("not valid JSON (or not valid UTF-8)");
+    }
+}
+
 PyDoc_STRVAR(encode_records_doc,
 "encode_records(records, spec) -> (bytes, keys, cursors) | None\n\n"
 "One binary COPY stream of ``records`` (each a JSON object's text, e.g. msgspec.Raw), with\n"
@@ -1383,14 +1530,20 @@ static PyObject *encode_records(PyObject *module, PyObject *args) {
         put_u32(&out, 0);
         put_u32(&out, 0);
     }
+    size_t input = 0; /* the records' bytes: what the stream's size mostly follows */
+    for (Py_ssize_t index = 0; index < count; index++) input += (size_t)views[index].len;
     for (Py_ssize_t index = 0; index < count && status == 0; index++) {
         const char *start = views[index].buf;
         status = encode_one(&spec, &out, start, start + views[index].len,
                             kept + index * per_record);
         if (status == 0 && index == 0 && count > 2) {
-            /* the rest of the batch at about the first record's size: one allocation */
+            /* The rest of the batch at about the first record's size, in one allocation, but
+               never more than about the input's size: a large first record must not make
+               the batch reserve count times its size. Past that, the buffer doubles. */
             size_t first = out.size - (sizeof SIGNATURE + 8);
-            if (reserve(&out, (first + first / 4 + 16) * (size_t)(count - 1)) < 0) status = -1;
+            size_t guess = (first + first / 4 + 16) * (size_t)(count - 1);
+            size_t cap = input + input / 4 + 16 * (size_t)count;
+            if (reserve(&out, guess < cap ? guess : cap) < 0) status = -1;
         }
     }
     if (status == 0) {
@@ -1402,7 +1555,9 @@ static PyObject *encode_records(PyObject *module, PyObject *args) {
     }
     Py_END_ALLOW_THREADS
     if (status < 0) {
-        PyErr_NoMemory();
+        /* Out of memory for the stream (a huge batch, or a machine short of memory): decline,
+           so the batch takes the Python path instead of failing the run. */
+        result = Py_NewRef(Py_None);
         goto done;
     }
     if (status == 0 && spec.key_count) {
@@ -1454,6 +1609,7 @@ done:
 static PyMethodDef methods[] = {
     {"encode", encode, METH_VARARGS, encode_doc},
     {"encode_records", encode_records, METH_VARARGS, encode_records_doc},
+    {"validate", validate, METH_O, validate_doc},
     {NULL, NULL, 0, NULL},
 };
 

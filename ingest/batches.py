@@ -37,7 +37,7 @@ from ingest.paths import compile_path
 from ingest.rows import RowBuilder
 from ingest.runstate import EndpointRun, Fence, RunOptions, larger
 from ingest.server_load import FALLBACK_ERRORS
-from ingest.sink import TableSink
+from ingest.sink import REFUSALS, TableSink
 from ingest.source import FetchedPage, extract_records
 from ingest.state import (
     Checkpoint,
@@ -175,6 +175,17 @@ def redecoded(
 
 
 @dataclass(slots=True)
+class _Batch:
+    """One batch's rows between its tries (see :meth:`BatchWriter.write`)."""
+
+    rows: Rows
+    rejected: list[tuple[Any, str]]
+    staged: Staged
+    #: None on the first try; on the second, the rows PostgreSQL refused (then dead letters).
+    refused: list[tuple[Any, str]] | None = None
+
+
+@dataclass(slots=True)
 class BatchRows:
     """A batch ready for the load phase: what to COPY, what to dead-letter, and its counts."""
 
@@ -207,16 +218,25 @@ def convert_batch(
     )
 
 
-async def load_rows(connection: Connection, sink: TableSink, rows: Rows, *, direct: bool) -> None:
+async def load_rows(
+    connection: Connection,
+    sink: TableSink,
+    rows: Rows,
+    *,
+    direct: bool,
+    refused: list[tuple[Any, str]] | None = None,
+) -> None:
     """The load phase's COPY: into the staging table (merge) or the target (append).
 
     A ``direct`` merge batch COPYs nothing yet: it goes straight into the target at its turn.
+    ``refused``: a list for the rows PostgreSQL refuses (a batch's second try), see
+    :meth:`ingest.sink.TableSink.copy_refusing`; None for one plain COPY.
     """
     if sink.table.mode == "merge":
         if not direct:
-            await sink.stage(connection, rows)
+            await sink.stage(connection, rows, refused)
     else:
-        await sink.write(connection, rows)
+        await sink.write(connection, rows, refused)
 
 
 async def merge_at_turn(
@@ -346,53 +366,90 @@ class BatchWriter:
         else:
             batch_max = batch_cursor(endpoint, state.cursor, pages)
             staged = Staged(0, 0, batch_max, typed_count(pages))
-        fence = state.partition.fence if state.partition is not None else None
-        # Server loads stage in PostgreSQL; only Python-built rows go straight into the target.
-        direct = state.merge_direct and state.server is None
         keyed = endpoint.table.mode == "merge" and state.server is None
         if keyed:
             state.merge_keys.register(sequence, state.sink.key_set(rows))
+        batch = _Batch(rows, rejected, staged)
+        counted = self.dead_letters_total
         try:
-            async with self.pool.acquire() as connection, connection.transaction():
-                loaded = None
-                copied_early: bool | None = None  # None: not tried before the turn
-                if state.server is not None:
-                    loaded = await self._load_on_server(state, connection, pages, sequence)
-                if loaded is not None:
-                    staged.written = loaded
-                else:
-                    if state.server is not None:
-                        rows, rejected = convert_pages(state.builder, pages)
-                        staged.written, staged.dead_letters = len(rows), len(rejected)
-                    if (
-                        keyed
-                        and direct
-                        and state.merge_keys.may_copy_early(sequence, state.gate.next)
-                    ):
-                        copied_early = not await copy_or_stage(connection, state.sink, rows)
-                    else:
-                        await load_rows(connection, state.sink, rows, direct=direct)
-                await state.gate.wait_turn(sequence)
-                plan, cursor_max = self.plan(state, pages, staged)
-                if copied_early is not None:  # copied (nothing to merge) or staged (merge it)
-                    plan = dataclasses.replace(plan, merge=plan.merge and not copied_early)
-                known_keys = await apply_commit(
-                    connection,
-                    state.sink,
-                    self.target(state),
-                    plan,
-                    rejected,
-                    rows=rows,
-                    direct=direct and copied_early is None,
-                    fence=fence,
+            try:
+                known_keys, cursor_max = await self._transaction(state, sequence, pages, batch)
+            except REFUSALS as exc:
+                self.dead_letters_total = counted  # the first try's plan counted them already
+                # PostgreSQL refused some value: nothing of the batch was committed. The same
+                # batch once more, finding the rows it refuses (dead letters, with its reason).
+                log.info(
+                    "batch_refused_finding_rows",
+                    endpoint=endpoint.name,
+                    partition=state.partition_key,
+                    sequence=sequence,
+                    # The class only: PostgreSQL's message quotes the offending value.
+                    reason=type(exc).__name__,
                 )
-                known_keys = known_keys or copied_early is False
+                batch.refused = []
+                known_keys, cursor_max = await self._transaction(state, sequence, pages, batch)
         except WRITE_ERRORS as exc:
-            raise sink_error(endpoint, state.partition_key, staged.written, exc) from None
+            raise sink_error(endpoint, state.partition_key, batch.staged.written, exc) from None
         finally:
             if keyed:
                 state.merge_keys.release(sequence)
-        await self.committed(state, sequence, pages, staged, cursor_max, known_keys=known_keys)
+        await self.committed(
+            state, sequence, pages, batch.staged, cursor_max, known_keys=known_keys
+        )
+
+    async def _transaction(
+        self, state: EndpointRun, sequence: int, pages: list[FetchedPage], batch: _Batch
+    ) -> tuple[bool, CursorValue | None]:
+        """The batch's transaction: load, wait for the turn, commit. Returns whether a direct
+        merge batch met known keys, and the walk's cursor maximum after this batch.
+
+        With ``batch.refused`` a list (the second try of a batch PostgreSQL refused), every COPY
+        finds the rows PostgreSQL refuses, before the turn: they become dead letters and the
+        counts the plan is made of follow.
+        """
+        endpoint = state.endpoint
+        rows, refused, staged = batch.rows, batch.refused, batch.staged
+        rejected = list(batch.rejected)
+        fence = state.partition.fence if state.partition is not None else None
+        # Server loads stage in PostgreSQL; only Python-built rows go straight into the target.
+        # A second try stages too, so that every refused row is found before the turn.
+        direct = state.merge_direct and state.server is None and refused is None
+        keyed = endpoint.table.mode == "merge" and state.server is None
+        async with self.pool.acquire() as connection, connection.transaction():
+            loaded = None
+            copied_early: bool | None = None  # None: not tried before the turn
+            if state.server is not None:
+                loaded = await self._load_on_server(state, connection, pages, sequence)
+            if loaded is not None:
+                staged.written = loaded
+            else:
+                if state.server is not None:
+                    rows, rejected = convert_pages(state.builder, pages)
+                    staged.written, staged.dead_letters = len(rows), len(rejected)
+                if keyed and direct and state.merge_keys.may_copy_early(sequence, state.gate.next):
+                    copied_early = not await copy_or_stage(connection, state.sink, rows)
+                else:
+                    await load_rows(connection, state.sink, rows, direct=direct, refused=refused)
+                if refused:
+                    rejected += refused
+                    staged.written = len(rows) - len(refused)
+                    staged.dead_letters = len(rejected)
+            await state.gate.wait_turn(sequence)
+            plan, cursor_max = self.plan(state, pages, staged)
+            if copied_early is not None:  # copied (nothing to merge) or staged (merge it)
+                plan = dataclasses.replace(plan, merge=plan.merge and not copied_early)
+            known_keys = await apply_commit(
+                connection,
+                state.sink,
+                self.target(state),
+                plan,
+                rejected,
+                rows=rows,
+                direct=direct and copied_early is None,
+                fence=fence,
+            )
+            known_keys = known_keys or copied_early is False
+        return known_keys, cursor_max
 
     async def _encoder(self, state: EndpointRun) -> RecordEncoder | None:
         """The endpoint's record encoder, once its target's column types are known to match."""

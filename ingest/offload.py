@@ -100,6 +100,9 @@ class Committed:
 
     #: A direct merge batch met keys already in the target (it merged through staging).
     known_keys: bool = False
+    #: Rows PostgreSQL refused at the turn (a direct merge batch's COPY): dead letters, not
+    #: written, after the :class:`StagedBatch` counts.
+    refused: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +299,8 @@ class WriterPool:
             if isinstance(reply, Failed):
                 raise SinkError(reply.message)
             assert isinstance(reply, Committed)
+            staged.written -= reply.refused
+            staged.dead_letters += reply.refused
         finally:
             if reusable:
                 self._idle.put_nowait(writer)

@@ -22,6 +22,9 @@ Converter = Callable[[Any], Any]
 BuildMany = Callable[[Sequence[Any]], tuple[list[tuple[Any, ...]], list[tuple[Any, str]]]]
 INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)
+#: PostgreSQL numeric's limits: digits after the decimal point, and before it.
+NUMERIC_SCALE = 16383
+NUMERIC_WEIGHT = 131072
 
 
 class RowError(ValueError):
@@ -93,6 +96,10 @@ def _numeric(value: Any) -> Decimal:
         raise ValueError(f"{value!r} is not a number") from None
     if not number.is_finite():
         raise ValueError(f"{value!r} is not a finite number")
+    exponent = number.as_tuple().exponent
+    assert isinstance(exponent, int)  # finite
+    if -exponent > NUMERIC_SCALE or number.adjusted() >= NUMERIC_WEIGHT:
+        raise ValueError(f"{value!r} is out of range for numeric")
     return number
 
 
@@ -119,7 +126,10 @@ def _timestamptz(value: Any) -> dt.datetime:
         raise ValueError(f"{value!r} is not a timestamp")
     if isinstance(value, int | float):
         seconds = value / 1000 if abs(value) > 100_000_000_000 else value  # epoch ms or s
-        return dt.datetime.fromtimestamp(seconds, tz=dt.UTC)
+        try:
+            return dt.datetime.fromtimestamp(seconds, tz=dt.UTC)
+        except (OverflowError, OSError, ValueError):  # past year 9999, or NaN/infinity
+            raise ValueError(f"{value!r} is out of range for an epoch timestamp") from None
     if isinstance(value, str):
         try:
             moment = dt.datetime.fromisoformat(value.strip())
@@ -139,7 +149,10 @@ def _date(value: Any) -> dt.date:
 
 
 def _jsonb(value: Any) -> str:
-    encoded = orjson.dumps(value)
+    try:
+        encoded = orjson.dumps(value)
+    except TypeError as exc:  # orjson's JSONEncodeError: nested too deep, say
+        raise ValueError(f"cannot be stored as JSON ({exc})") from None
     if b"\\u0000" in encoded:
         raise ValueError("contains a NUL character, which PostgreSQL jsonb cannot store")
     return encoded.decode()
@@ -210,8 +223,8 @@ class RowBuilder:
                 continue
             try:
                 append(convert(value))
-            except ValueError as exc:
-                raise RowError(f"column {name}: {exc}") from None
+            except Exception as exc:  # any converter failure is this record's, never the run's
+                raise RowError(f"column {name}: {_reason(exc)}") from None
         if self.store_raw:
             append(_jsonb_raw(record))
         return tuple(values)
@@ -253,10 +266,33 @@ def column_slow_path(name: str, convert: Converter, required: bool) -> Callable[
             return None
         try:
             return convert(value)
-        except ValueError as exc:
-            raise RowError(f"column {name}: {exc}") from None
+        except Exception as exc:  # any converter failure is this record's, never the run's
+            raise RowError(f"column {name}: {_reason(exc)}") from None
 
     return slow
+
+
+def _reason(exc: Exception) -> str:
+    """A converter's failure as a dead letter's reason: its message, with the exception's class
+    when it is not one of the converters' own ValueErrors."""
+    if type(exc) is ValueError:
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def build_checked(
+    build: Callable[[Any], tuple[Any, ...]],
+    record: Any,
+    rows: list[tuple[Any, ...]],
+    rejected: list[tuple[Any, str]],
+) -> None:
+    """``record``'s row into ``rows`` or (record, reason) into ``rejected``, by the generic
+    ``build``: for a record the generated loop's inline code failed on (an exception other than
+    :class:`RowError`), so the reason names the column as the generic path does."""
+    try:
+        rows.append(build(record))
+    except RowError as exc:
+        rejected.append((record, str(exc)))
 
 
 #: Per type: a condition under which a value is already what asyncpg's binary codec wants
@@ -288,6 +324,7 @@ def _compile_build_many(
         "RowError": RowError,
         "MISSING": MISSING,
         "generic": generic,
+        "checked": build_checked,
         "raw": _jsonb_raw,
         "fromisoformat": dt.datetime.fromisoformat,
         "UTC": dt.UTC,
@@ -355,6 +392,8 @@ def _compile_build_many(
             f"{indent}append({row})",
             "        except RowError as exc:",
             "            rejected.append((record, str(exc)))",
+            "        except Exception:",  # inline code (orjson.dumps, say): the generic path
+            "            checked(generic, record, rows, rejected)",
             "    return rows, rejected",
         ]
     )
@@ -383,7 +422,10 @@ def required_column(name: str, column: Column, primary_key: set[str]) -> bool:
 
 
 def _jsonb_raw(record: Any) -> str:
-    encoded = orjson.dumps(record)
+    try:
+        encoded = orjson.dumps(record)
+    except TypeError as exc:  # orjson's JSONEncodeError: nested too deep, say
+        raise RowError(f"raw record cannot be stored as JSON ({exc})") from None
     if b"\\u0000" in encoded:
         raise RowError("raw record contains a NUL character, which PostgreSQL jsonb cannot store")
     return encoded.decode()

@@ -7,6 +7,7 @@ the caller's transaction, so a checkpoint commits with the batch that reached it
 from __future__ import annotations
 
 import datetime as dt
+import reprlib
 import socket
 import uuid
 from collections.abc import Mapping, Sequence
@@ -160,8 +161,14 @@ class ChildRecord:
 
 
 def _json_text(value: Any) -> str:
-    """JSON text PostgreSQL stores: parent values may be Decimal, dates (text then)."""
-    return orjson.dumps(value, default=str).decode().replace("\x00", "\\u0000")
+    """JSON text PostgreSQL stores (parent values may be Decimal, dates: text then), whatever
+    ``value`` holds: a record orjson cannot encode (nested past its limit, say) is stored as
+    its ``repr``, cut short, in a JSON string, so saving a dead letter never fails the batch."""
+    try:
+        text = orjson.dumps(value, default=str).decode()
+    except TypeError:
+        text = orjson.dumps(f"<not encodable as JSON> {reprlib.repr(value)}").decode()
+    return text.replace("\x00", "\\u0000")  # PostgreSQL text cannot hold NUL
 
 
 async def save_dead_letters(

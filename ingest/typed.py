@@ -38,6 +38,7 @@ import orjson
 import structlog
 
 from ingest.config import PARENT_PREFIX, Endpoint
+from ingest.copyenc import json_problem
 from ingest.paths import compile_path
 from ingest.rows import (
     CONVERTERS,
@@ -291,6 +292,8 @@ class TypedPages:
             self.rested_pages += 1
             self.fallback_pages += 1
             return orjson.loads(body)
+        if json_problem(body) is not None:  # what msgspec would skip: orjson's error
+            return orjson.loads(body)
         try:
             # memchr for a backslash first: most pages have none, and it is ~10x the speed.
             if b"\\" in body and _NUL in body:
@@ -305,7 +308,7 @@ class TypedPages:
                 log.info("typed_decode_lenient", endpoint=self.endpoint, reason=str(exc))
                 self._current = self._variant(lenient=True)
                 document = self._decode(self._current, body, parents)
-        except (msgspec.ValidationError, msgspec.DecodeError, RowError, Refused) as exc:
+        except Exception as exc:  # any doubt at all: the Python path decides
             self._fell_back(exc)
             return orjson.loads(body)
         self._fallbacks_in_a_row = 0
@@ -324,8 +327,10 @@ class TypedPages:
         # RowError messages quote the value; msgspec's and ours name types and positions.
         if isinstance(exc, msgspec.ValidationError | Refused):
             self.last_reason = str(exc)
-        elif isinstance(exc, msgspec.DecodeError):
+        elif isinstance(exc, msgspec.DecodeError | RecursionError):
             self.last_reason = "the page is not valid JSON to msgspec"
+        elif not isinstance(exc, RowError):  # inline code of the loop (orjson.dumps, say)
+            self.last_reason = f"{type(exc).__name__} in the typed loop"
         else:
             self.last_reason = "a value only the Python converters can decide (or dead-letter)"
         if self.fallback_pages == 1:
@@ -534,9 +539,11 @@ class EnvelopePages:
         return self
 
     def __call__(self, body: bytes, parent: Any = None) -> Any:
+        if json_problem(body) is not None:  # what msgspec would skip: orjson's error
+            return orjson.loads(body)
         try:
             decoded = self._decoder.decode(body)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
             return orjson.loads(body)
         typed = self._typed
         records = RawRecords(typed._records_of(decoded))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -51,7 +52,7 @@ from ingest.offload import (
 )
 from ingest.pgcodecs import install_codecs
 from ingest.rows import RowBuilder
-from ingest.sink import TableSink
+from ingest.sink import REFUSALS, TableSink
 from ingest.state import hold_commits_shared
 from ingest.tuning import relaxed_gc
 from ingest.typed import TypedPages, typed_pages_for
@@ -137,7 +138,19 @@ class _Writer:
             converted = await work.convert(connection, job)
             rows, rejected, staged = converted.rows, converted.rejected, converted.staged
             written, batch_max = staged.written, staged.batch_max
-            await load_rows(connection, work.sink, rows, direct=job.direct)
+            direct = job.direct
+            try:
+                await load_rows(connection, work.sink, rows, direct=direct)
+            except REFUSALS:
+                # PostgreSQL refused a value: the batch once more, finding the rows it refuses.
+                transaction = await self._restart(connection, transaction)
+                refused: list[tuple[Any, str]] = []
+                direct = False  # staged, so that every refused row is found before the turn
+                await load_rows(connection, work.sink, rows, direct=False, refused=refused)
+                rejected = [*rejected, *refused]
+                staged.written -= len(refused)
+                staged.dead_letters = len(rejected)
+                written = staged.written
             dumped = work.cursor.dump(batch_max) if work.cursor and batch_max is not None else None
             write_frame(
                 self.frames_out,
@@ -150,9 +163,30 @@ class _Writer:
                     raise EOFError
                 return
             target = BatchTarget(job.run_id, self.setup.source, job.endpoint_name)
-            known_keys = await apply_commit(
-                connection, work.sink, target, plan, rejected, rows=rows, direct=job.direct
-            )
+            late = 0
+            try:
+                known_keys = await apply_commit(
+                    connection, work.sink, target, plan, rejected, rows=rows, direct=direct
+                )
+            except REFUSALS:
+                if not direct:
+                    raise
+                # The direct COPY at the turn was refused: staged instead, refused rows found.
+                transaction = await self._restart(connection, transaction)
+                refused = []
+                await load_rows(connection, work.sink, rows, direct=False, refused=refused)
+                late = len(refused)
+                checkpoint = dataclasses.replace(
+                    plan.checkpoint, records=plan.checkpoint.records - late
+                )
+                known_keys = await apply_commit(
+                    connection,
+                    work.sink,
+                    target,
+                    dataclasses.replace(plan, checkpoint=checkpoint),
+                    [*rejected, *refused],
+                    rows=rows,
+                )
             await transaction.commit()
         except WRITE_ERRORS as exc:
             await _rollback_quietly(transaction)
@@ -172,7 +206,15 @@ class _Writer:
                 ),
             )
             return
-        write_frame(self.frames_out, Committed(known_keys))
+        write_frame(self.frames_out, Committed(known_keys, refused=late))
+
+    async def _restart(self, connection: asyncpg.Connection, transaction: Any) -> Any:
+        """Roll the batch's transaction back and start it again (with its shared lock)."""
+        await transaction.rollback()
+        transaction = connection.transaction()
+        await transaction.start()
+        await hold_commits_shared(connection, self.setup.source)
+        return transaction
 
 
 async def _rollback_quietly(transaction: Any) -> None:
