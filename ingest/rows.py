@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+import msgspec
 import orjson
 
 from ingest.config import PARENT_PREFIX, Column, Table
@@ -148,11 +149,21 @@ def _date(value: Any) -> dt.date:
     raise ValueError(f"{value!r} is not a date")
 
 
-def _jsonb(value: Any) -> str:
+def json_bytes(value: Any) -> bytes:
+    """``value`` as JSON: orjson's, or msgspec's for what orjson will not write (nested past
+    its 254 levels; the typed decoders keep such a record's text as the server sent it).
+    ValueError if neither can (nested past Python's recursion limit)."""
     try:
-        encoded = orjson.dumps(value)
-    except TypeError as exc:  # orjson's JSONEncodeError: nested too deep, say
-        raise ValueError(f"cannot be stored as JSON ({exc})") from None
+        return orjson.dumps(value)
+    except TypeError:  # orjson's JSONEncodeError
+        try:
+            return msgspec.json.encode(value)
+        except (RecursionError, TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"cannot be stored as JSON ({type(exc).__name__})") from None
+
+
+def _jsonb(value: Any) -> str:
+    encoded = json_bytes(value)
     if b"\\u0000" in encoded:
         raise ValueError("contains a NUL character, which PostgreSQL jsonb cannot store")
     return encoded.decode()
@@ -423,9 +434,9 @@ def required_column(name: str, column: Column, primary_key: set[str]) -> bool:
 
 def _jsonb_raw(record: Any) -> str:
     try:
-        encoded = orjson.dumps(record)
-    except TypeError as exc:  # orjson's JSONEncodeError: nested too deep, say
-        raise RowError(f"raw record cannot be stored as JSON ({exc})") from None
+        encoded = json_bytes(record)
+    except ValueError as exc:
+        raise RowError(f"raw record {exc}") from None
     if b"\\u0000" in encoded:
         raise RowError("raw record contains a NUL character, which PostgreSQL jsonb cannot store")
     return encoded.decode()
