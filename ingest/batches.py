@@ -415,6 +415,9 @@ class BatchWriter:
         # A second try stages too, so that every refused row is found before the turn.
         direct = state.merge_direct and state.server is None and refused is None
         keyed = endpoint.table.mode == "merge" and state.server is None
+        # A merge batch's second try stages and merges in parts at its turn (the merge, too,
+        # may be refused, and merges go in batch order).
+        merge_in_parts = refused is not None and endpoint.table.mode == "merge"
         async with self.pool.acquire() as connection, connection.transaction():
             loaded = None
             copied_early: bool | None = None  # None: not tried before the turn
@@ -422,22 +425,32 @@ class BatchWriter:
                 loaded = await self._load_on_server(state, connection, pages, sequence)
             if loaded is not None:
                 staged.written = loaded
+                merge_in_parts = False
             else:
                 if state.server is not None:
                     rows, rejected = convert_pages(state.builder, pages)
                     staged.written, staged.dead_letters = len(rows), len(rejected)
-                if keyed and direct and state.merge_keys.may_copy_early(sequence, state.gate.next):
+                if merge_in_parts:
+                    pass  # at the turn
+                elif (
+                    keyed and direct and state.merge_keys.may_copy_early(sequence, state.gate.next)
+                ):
                     copied_early = not await copy_or_stage(connection, state.sink, rows)
                 else:
                     await load_rows(connection, state.sink, rows, direct=direct, refused=refused)
-                if refused:
-                    rejected += refused
-                    staged.written = len(rows) - len(refused)
-                    staged.dead_letters = len(rejected)
             await state.gate.wait_turn(sequence)
+            if merge_in_parts:
+                assert refused is not None
+                await state.sink.merge_refusing(connection, rows, refused)
+            if refused:
+                rejected += refused
+                staged.written = len(rows) - len(refused)
+                staged.dead_letters = len(rejected)
             plan, cursor_max = self.plan(state, pages, staged)
             if copied_early is not None:  # copied (nothing to merge) or staged (merge it)
                 plan = dataclasses.replace(plan, merge=plan.merge and not copied_early)
+            if merge_in_parts:  # merged already
+                plan = dataclasses.replace(plan, merge=False)
             known_keys = await apply_commit(
                 connection,
                 state.sink,

@@ -16,7 +16,7 @@ default ``work_mem`` for large batches; see docs/performance.md.
 from __future__ import annotations
 
 import operator
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -245,15 +245,46 @@ class TableSink:
         part costs round trips a batch that loads does not pay. k refused rows of n take
         about 2k log2(n) COPYs.
         """
+
+        async def attempt(part: list[tuple[Any, ...]]) -> None:
+            await self._copy(connection, name, schema, part, encode)
+
+        await self._halving(connection, rows, attempt, refused)
+
+    async def merge_refusing(
+        self, connection: Connection, rows: Rows, refused: list[tuple[Any, str]]
+    ) -> None:
+        """Stage and merge a merge batch in parts, halving a part PostgreSQL refuses (at the
+        COPY or at the merge: a target the user altered, a ``varchar(n)`` or a ``CHECK``),
+        as :meth:`copy_refusing` does; at the batch's turn, since merges go in batch order."""
+        await connection.execute(self._staging_sql)
+
+        async def attempt(part: list[tuple[Any, ...]]) -> None:
+            await connection.execute(f"TRUNCATE {self.staging}")
+            await self._copy(connection, self.staging_name, None, part, self._encode)
+            await self.merge(connection)
+
+        await self._halving(connection, self.last_per_key(rows), attempt, refused)
+
+    async def _halving(
+        self,
+        connection: Connection,
+        rows: Rows,
+        attempt: Callable[[list[tuple[Any, ...]]], Awaitable[None]],
+        refused: list[tuple[Any, str]],
+    ) -> None:
+        """``attempt`` on all rows, each part in a savepoint; a refused part is halved, and a
+        refused single row goes to ``refused`` (after a try with the Python path's raw
+        record, see :meth:`_reencoded_raw`)."""
         whole: list[tuple[Any, ...]] = (
             decode_rows(rows, self._column_types) if isinstance(rows, EncodedBatch) else list(rows)
         )
-        pending = [whole]
+        pending = [whole] if whole else []
         while pending:
             part = pending.pop()
             try:
                 async with connection.transaction():
-                    await self._copy(connection, name, schema, part, encode)
+                    await attempt(part)
             except REFUSALS as exc:
                 if len(part) == 1:
                     retry = self._reencoded_raw(part[0])

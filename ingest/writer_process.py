@@ -36,7 +36,7 @@ from ingest.batches import (
     sink_error,
 )
 from ingest.config import Endpoint
-from ingest.copyenc import RecordEncoder
+from ingest.copyenc import RecordEncoder, Rows
 from ingest.db import describe_dsn
 from ingest.errors import one_line
 from ingest.log import configure_logging
@@ -139,18 +139,22 @@ class _Writer:
             rows, rejected, staged = converted.rows, converted.rejected, converted.staged
             written, batch_max = staged.written, staged.batch_max
             direct = job.direct
+            merge = work.sink.table.mode == "merge"
+            merge_in_parts = False  # staged and merged in parts at the turn
             try:
                 await load_rows(connection, work.sink, rows, direct=direct)
             except REFUSALS:
-                # PostgreSQL refused a value: the batch once more, finding the rows it refuses.
+                # PostgreSQL refused a value: the batch once more, finding the rows it refuses
+                # (a merge batch at its turn, where the merge may be refused too).
                 transaction = await self._restart(connection, transaction)
-                refused: list[tuple[Any, str]] = []
-                direct = False  # staged, so that every refused row is found before the turn
-                await load_rows(connection, work.sink, rows, direct=False, refused=refused)
-                rejected = [*rejected, *refused]
-                staged.written -= len(refused)
-                staged.dead_letters = len(rejected)
-                written = staged.written
+                merge_in_parts = merge
+                if not merge:
+                    refused: list[tuple[Any, str]] = []
+                    await load_rows(connection, work.sink, rows, direct=False, refused=refused)
+                    rejected = [*rejected, *refused]
+                    staged.written -= len(refused)
+                    staged.dead_letters = len(rejected)
+                    written = staged.written
             dumped = work.cursor.dump(batch_max) if work.cursor and batch_max is not None else None
             write_frame(
                 self.frames_out,
@@ -163,30 +167,24 @@ class _Writer:
                     raise EOFError
                 return
             target = BatchTarget(job.run_id, self.setup.source, job.endpoint_name)
-            late = 0
-            try:
-                known_keys = await apply_commit(
-                    connection, work.sink, target, plan, rejected, rows=rows, direct=direct
+            if merge_in_parts:
+                known_keys, late = await self._merge_in_parts(
+                    connection, work.sink, target, plan, rejected, rows=rows
                 )
-            except REFUSALS:
-                if not direct:
-                    raise
-                # The direct COPY at the turn was refused: staged instead, refused rows found.
-                transaction = await self._restart(connection, transaction)
-                refused = []
-                await load_rows(connection, work.sink, rows, direct=False, refused=refused)
-                late = len(refused)
-                checkpoint = dataclasses.replace(
-                    plan.checkpoint, records=plan.checkpoint.records - late
-                )
-                known_keys = await apply_commit(
-                    connection,
-                    work.sink,
-                    target,
-                    dataclasses.replace(plan, checkpoint=checkpoint),
-                    [*rejected, *refused],
-                    rows=rows,
-                )
+            else:
+                try:
+                    known_keys = await apply_commit(
+                        connection, work.sink, target, plan, rejected, rows=rows, direct=direct
+                    )
+                    late = 0
+                except REFUSALS:
+                    if not merge:
+                        raise
+                    # The direct COPY or the merge at the turn was refused: in parts instead.
+                    transaction = await self._restart(connection, transaction)
+                    known_keys, late = await self._merge_in_parts(
+                        connection, work.sink, target, plan, rejected, rows=rows
+                    )
             await transaction.commit()
         except WRITE_ERRORS as exc:
             await _rollback_quietly(transaction)
@@ -207,6 +205,33 @@ class _Writer:
             )
             return
         write_frame(self.frames_out, Committed(known_keys, refused=late))
+
+    @staticmethod
+    async def _merge_in_parts(
+        connection: asyncpg.Connection,
+        sink: TableSink,
+        target: BatchTarget,
+        plan: CommitPlan,
+        rejected: list[tuple[Any, str]],
+        *,
+        rows: Rows,
+    ) -> tuple[bool, int]:
+        """A merge batch's turn, staged and merged in parts to find the rows PostgreSQL
+        refuses (dead letters); the rest of the plan as sent. Returns (known keys, refused)."""
+        refused: list[tuple[Any, str]] = []
+        await sink.merge_refusing(connection, rows, refused)
+        checkpoint = dataclasses.replace(
+            plan.checkpoint, records=plan.checkpoint.records - len(refused)
+        )
+        known_keys = await apply_commit(
+            connection,
+            sink,
+            target,
+            dataclasses.replace(plan, merge=False, checkpoint=checkpoint),
+            [*rejected, *refused],
+            rows=rows,
+        )
+        return known_keys, len(refused)
 
     async def _restart(self, connection: asyncpg.Connection, transaction: Any) -> Any:
         """Roll the batch's transaction back and start it again (with its shared lock)."""

@@ -142,10 +142,12 @@ async def test_a_number_numeric_cannot_hold_lands_as_python_reads_it(
         assert "out of range for numeric" in (await dead_letters(db, table))[5]
 
 
-async def test_rows_postgresql_refuses_are_dead_letters(database: str, db: Any) -> None:
+@pytest.mark.parametrize("mode", ["append", "merge"])
+async def test_rows_postgresql_refuses_are_dead_letters(database: str, db: Any, mode: str) -> None:
     """The general rule: a user's table refuses some rows (a CHECK, a varchar too short);
     those rows are dead letters with PostgreSQL's reason and SQLSTATE, the rest land, in the
-    same transaction as the checkpoint, and a rerun has nothing left to do."""
+    same transaction as the checkpoint, and a rerun goes through as well. Merge tables too:
+    there the COPY (straight into the target) or the merge is what PostgreSQL refuses."""
     records = [{"id": index, "x": index, "code": "ok"} for index in range(1, 61)]
     records[6]["x"] = -7  # the CHECK refuses it
     records[33]["code"] = "far too long"  # varchar(5) refuses it
@@ -157,12 +159,12 @@ async def test_rows_postgresql_refuses_are_dead_letters(database: str, db: Any) 
     }
     for table in WAYS:
         await db.execute(
-            f"CREATE TABLE {table} (id bigint, x bigint CHECK (x > 0), code text, "
+            f"CREATE TABLE {table} (id bigint PRIMARY KEY, x bigint CHECK (x > 0), code text, "
             "_ingest_loaded_at timestamptz NOT NULL DEFAULT now())"
         )
     # typed_on and writers: the C encoders' bytes; typed_off: asyncpg's, for a varchar column.
     await db.execute("ALTER TABLE typed_off ALTER COLUMN code TYPE varchar(5)")
-    outcomes = await run_ways(database, pages_of(records), columns, mode="append")
+    outcomes = await run_ways(database, pages_of(records), columns, mode=mode)
     for table, outcome in outcomes.items():
         assert not isinstance(outcome, Exception), outcome
         refused = {7, 35} | ({34} if table == "typed_off" else set())
@@ -174,7 +176,7 @@ async def test_rows_postgresql_refuses_are_dead_letters(database: str, db: Any) 
             assert "[22001]" in reasons[34]
         assert outcome.endpoints[table].dead_letters == len(refused)
         assert outcome.endpoints[table].records == 60 - len(refused)
-    again = await run_ways(database, pages_of(records), columns, mode="append")
+    again = await run_ways(database, pages_of(records), columns, mode=mode)
     assert all(not isinstance(outcome, Exception) for outcome in again.values())
 
 
