@@ -336,14 +336,16 @@ class HttpClient:
                     if wait:
                         self.limiter.pause(wait, reason=f"HTTP {status}")
                 raise RetryableError(
-                    f"HTTP {status}: {_excerpt(body)}", f"http_{status}", wait_at_least=wait or 0.0
+                    f"HTTP {status}: {self.redactor.excerpt(body, EXCERPT_BYTES)}",
+                    f"http_{status}",
+                    wait_at_least=wait or 0.0,
                 )
             self.concurrency.success(ticket)
         where = f"endpoint {endpoint}: " if endpoint != "auth" else "token_url "
         if status >= 400 or status in REDIRECT_STATUSES:
             raise HttpStatusError(
                 f"{where}{self.redactor.url(final_url)}: HTTP {status}: "
-                f"{self.redactor(_excerpt(body))}",
+                f"{self.redactor.excerpt(body, EXCERPT_BYTES)}",
                 status,
             )
         if status == 204:
@@ -356,7 +358,9 @@ class HttpClient:
             document: Any = (parse or orjson.loads)(body)
         except orjson.JSONDecodeError as exc:
             raise RetryableError(
-                f"malformed JSON ({exc}) in {len(body)} bytes: {_excerpt(body)}", "malformed_json"
+                f"malformed JSON ({exc}) in {len(body)} bytes: "
+                f"{self.redactor.excerpt(body, EXCERPT_BYTES)}",
+                "malformed_json",
             ) from None
         return HttpResponse(final_url, status, headers, body, document)
 
@@ -482,9 +486,3 @@ def _flatten(headers: Any) -> dict[str, str]:
         key = name.lower()
         flat[key] = f"{flat[key]}, {value}" if key in flat else value
     return flat
-
-
-def _excerpt(body: bytes) -> str:
-    text = body[:EXCERPT_BYTES].decode("utf-8", errors="replace")
-    text = " ".join(text.split())
-    return text + ("..." if len(body) > EXCERPT_BYTES else "")
