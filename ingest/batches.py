@@ -346,7 +346,7 @@ class BatchWriter:
         else:
             batch_max = batch_cursor(endpoint, state.cursor, pages)
             staged = Staged(0, 0, batch_max, typed_count(pages))
-        fence = state.partition.fence if state.partition is not None else None
+        fence = state.lock_fence or (state.partition.fence if state.partition is not None else None)
         # Server loads stage in PostgreSQL; only Python-built rows go straight into the target.
         direct = state.merge_direct and state.server is None
         keyed = endpoint.table.mode == "merge" and state.server is None
