@@ -296,7 +296,9 @@ static PyObject *encode(PyObject *module, PyObject *args) {
             return NULL;
         }
     }
-    PyObject *rows = PySequence_Fast(rows_arg, "rows must be a sequence");
+    /* A tuple of our own, not the caller's list: a tzinfo's utcoffset() is Python code that
+       may empty or change that list while its rows and values are in use here. */
+    PyObject *rows = PySequence_Tuple(rows_arg);
     if (rows == NULL) {
         return NULL;
     }
@@ -1496,7 +1498,8 @@ static PyObject *encode_records(PyObject *module, PyObject *args) {
         free_spec(&spec);
         return NULL;
     }
-    PyObject *records = PySequence_Fast(records_arg, "records must be a sequence");
+    /* Our own tuple: from Python 3.12 a buffer export (__buffer__) can run Python code. */
+    PyObject *records = PySequence_Tuple(records_arg);
     if (records == NULL) {
         free_spec(&spec);
         return NULL;

@@ -410,7 +410,7 @@ class BatchWriter:
         endpoint = state.endpoint
         rows, refused, staged = batch.rows, batch.refused, batch.staged
         rejected = list(batch.rejected)
-        fence = state.partition.fence if state.partition is not None else None
+        fence = state.lock_fence or (state.partition.fence if state.partition is not None else None)
         # Server loads stage in PostgreSQL; only Python-built rows go straight into the target.
         # A second try stages too, so that every refused row is found before the turn.
         direct = state.merge_direct and state.server is None and refused is None

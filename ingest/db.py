@@ -21,6 +21,15 @@ from ingest.pgcodecs import install_codecs
 #: A connection, whether held directly or borrowed from a pool.
 Connection = asyncpg.Connection | PoolConnectionProxy
 
+#: What a lost or refused connection raises: the server restarting or shutting down (class
+#: 57, operator intervention), a dropped socket, a connection that is gone.
+CONNECTION_LOST: tuple[type[Exception], ...] = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
 PG_VARIABLES = ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD", "PGSERVICE")
 
 
@@ -49,12 +58,22 @@ def describe_dsn(dsn: str | None) -> str:
 
 @asynccontextmanager
 async def open_pool(dsn: str | None, *, size: int) -> AsyncIterator[asyncpg.Pool]:
-    """A connection pool; a connection failure becomes a one-line error naming the server."""
+    """A connection pool; a connection failure becomes a one-line error naming the server.
+
+    No connection floor (``min_size=0``): asyncpg replaces a floor connection in the background
+    and logs a traceback each time that fails, e.g. all through a server restart. The first
+    connection is opened here all the same, so a wrong DSN fails at once.
+    """
+    pool: asyncpg.Pool | None = None
     try:
         pool = await asyncpg.create_pool(
-            dsn, min_size=1, max_size=max(2, size), init=install_codecs
+            dsn, min_size=0, max_size=max(2, size), init=install_codecs
         )
+        async with pool.acquire():
+            pass
     except (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        if pool is not None:
+            pool.terminate()
         raise IngestError(
             f"cannot connect to PostgreSQL at {describe_dsn(dsn)}: {one_line(exc)} "
             "(set --dsn, DATABASE_URL or PG* variables)"

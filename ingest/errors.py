@@ -61,6 +61,15 @@ class LockedError(IngestError):
     exit_code = ExitCode.LOCKED
 
 
+class LockLostError(IngestError):
+    """The session holding the source's lock ended (a PostgreSQL restart, say): the run stops
+    before committing anything more, since another run may hold the lock now."""
+
+
+class DatabaseLostError(IngestError):
+    """The connection to PostgreSQL was lost or refused in the middle of a run."""
+
+
 class LeaseLostError(IngestError):
     """A backfill partition's lease expired and another worker took it over."""
 

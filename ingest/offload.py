@@ -293,6 +293,11 @@ class WriterPool:
             await state.gate.wait_turn(sequence)
             plan: CommitPlan
             plan, cursor_max = batches.plan(state, pages, staged)
+            if state.lock_fence is not None:
+                # The writer's transaction holds `commits` shared since it began, so checked
+                # now the lock covers its commit as the fence covers an in-process batch's.
+                async with batches.pool.acquire() as connection:
+                    await state.lock_fence(connection, plan.checkpoint.done)
             await writer.send(plan)
             reply = await writer.receive("committing a batch")
             reusable = True

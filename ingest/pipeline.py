@@ -35,7 +35,9 @@ from ingest.children import walk_children
 from ingest.config import Endpoint, LoadedConfig
 from ingest.copyenc import RecordEncoder
 from ingest.cursor import CursorValue
+from ingest.db import CONNECTION_LOST
 from ingest.errors import (
+    DatabaseLostError,
     IngestError,
     InterruptedRun,
     LockedError,
@@ -60,6 +62,7 @@ from ingest.slices import SLICE_PREFIX, PrimedFetcher, Slice, can_slice, cut, pr
 from ingest.source import FetchedPage, Fetcher, resume_request, start_request, walk_endpoint
 from ingest.state import (
     Checkpoint,
+    SourceLock,
     delete_checkpoints,
     finish_run,
     load_checkpoint,
@@ -77,6 +80,8 @@ from ingest.typed import typed_pages_for
 log = structlog.get_logger("ingest.pipeline")
 
 _END = object()
+#: Waits between tries to record a run's outcome while PostgreSQL is unreachable.
+FINISH_RETRY_WAITS = (0.5, 1.0, 2.0, 4.0)
 
 
 class Pipeline:
@@ -107,6 +112,8 @@ class Pipeline:
         self._ensured: set[str] = set()
         #: Per endpoint: the fetcher that answers its first request from the slice probe.
         self._primed: dict[str, PrimedFetcher] = {}
+        #: The source lock :meth:`run` holds; None in a backfill worker (leases fence it).
+        self.lock: SourceLock | None = None
 
     def selected_endpoints(self) -> list[Endpoint]:
         if not self.options.endpoints:
@@ -127,11 +134,21 @@ class Pipeline:
                     f"source {self.source.name}: a writer process of an earlier run is still "
                     "committing after 60 s; try again when it finishes"
                 )
+            self.lock = await SourceLock.of(lock_connection, self.source.name)
             try:
                 async with self.recorded():
-                    await self._run_endpoints(endpoints)
+                    try:
+                        await self._run_endpoints(endpoints)
+                    except CONNECTION_LOST as exc:
+                        raise DatabaseLostError(
+                            f"source {self.source.name}: lost the connection to PostgreSQL "
+                            f"({type(exc).__name__}: {one_line(exc)}); the last committed "
+                            "checkpoint holds: rerun to resume"
+                        ) from None
             finally:
-                await unlock_source(lock_connection, self.source.name)
+                # Gone with its session if the connection is (a server restart).
+                with contextlib.suppress(*CONNECTION_LOST):
+                    await unlock_source(lock_connection, self.source.name)
         return self.result()
 
     def result(self) -> RunResult:
@@ -159,17 +176,33 @@ class Pipeline:
                 await self._finish("interrupted" if stopped else "failed", one_line(exc))
                 raise
             interrupted = any(stats.finished is None for stats in self.stats.values())
+            # Everything is committed by now: a run record that cannot be saved is a warning,
+            # not a failure, or a scheduler would retry a finished (append mode: duplicating) run.
             await self._finish("interrupted" if interrupted else "succeeded", None)
         finally:
             structlog.contextvars.unbind_contextvars("run_id", "source")
 
     async def _finish(self, status: str, error: str | None) -> None:
-        async with self.pool.acquire() as connection:
-            # A limited run that failed before its endpoints started still names them.
-            endpoints = self._stats_dicts() or {name: {} for name in self.options.endpoints}
-            await finish_run(
-                connection, self.run_id, status=status, endpoints=endpoints, error=error
-            )
+        """Record the run's outcome; a few tries if PostgreSQL is away (restarting), then a
+        warning: the outcome itself (the exit code, the committed data) stands either way."""
+        # A limited run that failed before its endpoints started still names them.
+        endpoints = self._stats_dicts() or {name: {} for name in self.options.endpoints}
+        for wait in (*FINISH_RETRY_WAITS, None):
+            try:
+                async with self.pool.acquire() as connection:
+                    await finish_run(
+                        connection, self.run_id, status=status, endpoints=endpoints, error=error
+                    )
+                return
+            except CONNECTION_LOST as exc:
+                if wait is None:
+                    log.warning(
+                        "run_record_not_saved",
+                        status=status,
+                        error=f"{type(exc).__name__}: {one_line(exc)}",
+                    )
+                    return
+                await asyncio.sleep(wait)
 
     async def run_partition(self, endpoint: Endpoint, partition: Partition) -> EndpointStats:
         """Run one endpoint over one backfill window, inside a :meth:`recorded` run.
@@ -269,6 +302,8 @@ class Pipeline:
             base_records=checkpoint.records if resuming and checkpoint else 0,
             base_pages=checkpoint.pages if resuming and checkpoint else 0,
             partition=partition,
+            # Slices of this run are partitions without a lease: the run's lock fences them too.
+            lock_fence=self.lock.fence if self.lock is not None else None,
             cursor=cursor,
             high_water=cursor.load(stored_cursor) if cursor and stored_cursor else None,
             offloaded=offloaded,
@@ -439,6 +474,8 @@ class Pipeline:
             done = await load_checkpoints(connection, self.source.name, endpoint.name, keys)
             if len(done) < len(keys) or not all(point.done for point in done.values()):
                 return
+            if self.lock is not None:
+                await self.lock.fence(connection, True)
             best = high_water
             for point in done.values():
                 if point.cursor_max is not None:

@@ -171,6 +171,9 @@ class EndpointRun:
     base_records: int
     base_pages: int
     partition: Partition | None = None
+    #: The batch transactions' check that the run still holds its source lock (None in a
+    #: backfill worker, whose windows their leases fence instead).
+    lock_fence: Fence | None = None
     cursor: CursorKind | None = None
     cursor_max: CursorValue | None = None
     high_water: CursorValue | None = None

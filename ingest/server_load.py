@@ -51,24 +51,45 @@ FALLBACK_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
+class Parameters:
+    """The values a statement sends as ``$n`` parameters, never spliced into its text.
+
+    Column paths come from config and may hold any character: a quote, or a backslash that
+    ends a literal when the server runs with ``standard_conforming_strings = off``. Sent as
+    parameters, no value is ever SQL text, and the statement runs through the extended
+    protocol, which refuses a second statement.
+    """
+
+    def __init__(self) -> None:
+        self.values: list[object] = []
+
+    def add(self, value: object, sql_type: str) -> str:
+        """The placeholder for ``value`` (a new one per distinct value), cast to ``sql_type``."""
+        for index, known in enumerate(self.values, start=1):
+            if type(known) is type(value) and known == value:
+                return f"${index}::{sql_type}"
+        self.values.append(value)
+        return f"${len(self.values)}::{sql_type}"
 
 
-def json_path(path: str) -> str:
-    """A dotted path as a constant ``text[]`` for ``#>`` / ``#>>`` (``tags.0`` -> {tags,0})."""
-    steps = [step for step in path.split(".") if step] if path else []
-    return "ARRAY[" + ", ".join(_literal(step) for step in steps) + "]::text[]"
+def path_steps(path: str) -> list[str]:
+    """A dotted path's steps for ``#>`` / ``#>>`` (``tags.0`` -> ``["tags", "0"]``)."""
+    return [step for step in path.split(".") if step] if path else []
 
 
-def _fails(value: str, kind: str, why: str) -> str:
+def json_path(path: str, parameters: Parameters) -> str:
+    """A dotted path as a ``text[]`` parameter for ``#>`` / ``#>>``."""
+    return parameters.add(path_steps(path), "text[]")
+
+
+def _fails(value: str, kind: str, why: str, parameters: Parameters) -> str:
     """An expression that raises a data error (a cast of text no type accepts) for this row."""
-    return f"({_literal(f'ingest: {why}: ')} || coalesce({value}, ''))::{kind}"
+    return f"({parameters.add(f'ingest: {why}: ', 'text')} || coalesce({value}, ''))::{kind}"
 
 
-def column_expression(path: str, kind: str, element: str = "r.e") -> str:
+def column_expression(path: str, kind: str, parameters: Parameters, element: str = "r.e") -> str:
     """SQL that reads ``path`` from the record ``element`` as the column type ``kind``."""
-    steps = json_path(path)
+    steps = json_path(path, parameters)
     node = f"({element} #> {steps})"
     text = f"({element} #>> {steps})"
     pg_type = POSTGRES_TYPES[kind]
@@ -80,9 +101,10 @@ def column_expression(path: str, kind: str, element: str = "r.e") -> str:
         # Python reads a JSON number as epoch seconds/ms (timestamptz) or rejects it (date);
         # PostgreSQL would read 20240105 as a date. Let the Python path decide.
         value = text if kind == "timestamptz" else f"left(btrim({text}), 10)"
+        why = "a number for a " + kind + " column"
         return (
             f"CASE WHEN jsonb_typeof({node}) = 'number' "
-            f"THEN {_fails(text, pg_type, 'a number for a ' + kind + ' column')} "
+            f"THEN {_fails(text, pg_type, why, parameters)} "
             f"ELSE {value}::{pg_type} END"
         )
     return f"{text}::{pg_type}"
@@ -104,8 +126,12 @@ class ServerLoad:
             f"CREATE TEMP TABLE {pages} (page integer, body text) ON COMMIT DROP; "
             f"ALTER TABLE {pages} ALTER COLUMN body SET STORAGE EXTERNAL"
         )
-        path = json_path(endpoint.records_path)
-        found = f"p.body::jsonb #> {path}" if endpoint.records_path else "p.body::jsonb"
+        parameters = Parameters()
+        found = (
+            f"p.body::jsonb #> {json_path(endpoint.records_path, parameters)}"
+            if endpoint.records_path
+            else "p.body::jsonb"
+        )
         # extract_records: a list is the records, an object is one record, null is none.
         # OFFSET 0 keeps the subquery from being inlined, so each body is parsed once.
         records = (
@@ -113,7 +139,7 @@ class ServerLoad:
             "WHEN 'object' THEN jsonb_build_array(d.found) ELSE '[]'::jsonb END"
         )
         expressions = [
-            f"{column_expression(column.path, column.type)} AS {quote(name)}"
+            f"{column_expression(column.path, column.type, parameters)} AS {quote(name)}"
             for name, column in table.columns.items()
         ]
         if table.store_raw:
@@ -151,6 +177,8 @@ class ServerLoad:
                 f"ORDER BY {ordered}, _ingest_page DESC, _ingest_element DESC"
             )
 
+        self._load_parameters = tuple(parameters.values)
+
     async def load(self, connection: Connection, pages: Sequence[FetchedPage]) -> int:
         """Convert and write the batch's pages; the number of records read from them.
 
@@ -177,7 +205,7 @@ class ServerLoad:
             columns=["page", "body"],
             records=((index, page.body.decode()) for index, page in with_records if page.body),
         )
-        status = await connection.execute(self._load_sql)
+        status = await connection.execute(self._load_sql, *self._load_parameters)
         written = int(status.rsplit(" ", 1)[-1])
         if self.table.mode == "append" and written != expected:
             raise FallBack(f"PostgreSQL read {written} records where Python read {expected}")

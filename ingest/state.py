@@ -18,6 +18,7 @@ import asyncpg
 import orjson
 
 from ingest.db import Connection
+from ingest.errors import LockLostError
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +245,69 @@ async def finish_run(
 
 def lock_key(source: str) -> str:
     return f"ingest:source:{source}"
+
+
+#: True while the session ``$2`` that started at ``$3`` still holds the source lock ``$1``. The
+#: start time tells the run's own session from a later one that got the same process id.
+_HOLDS_LOCK = """
+SELECT EXISTS (
+    SELECT 1
+    FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
+    WHERE l.locktype = 'advisory' AND l.granted AND l.mode = 'ExclusiveLock' AND l.objsubid = 1
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND l.classid = ((key.k >> 32) & 4294967295)::oid AND l.objid = (key.k & 4294967295)::oid
+      AND l.pid = $2 AND a.backend_start = $3
+) FROM (SELECT hashtextextended($1, 0) AS k) AS key
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceLock:
+    """A run's hold on its source's lock: which PostgreSQL session holds it.
+
+    The lock is a session lock: it ends with the session, silently, when PostgreSQL restarts
+    or the connection is terminated, and another run may take it. So every batch transaction
+    checks, just before it saves its checkpoint, that the run's session still holds it
+    (:meth:`fence`), and commits nothing once it does not.
+    """
+
+    source: str
+    pid: int
+    backend_start: dt.datetime
+
+    @classmethod
+    async def of(cls, connection: Connection, source: str) -> SourceLock:
+        """The lock just taken on ``connection``."""
+        row = await connection.fetchrow(
+            "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+        )
+        assert row is not None
+        return cls(source, row["pid"], row["backend_start"])
+
+    async def held(self, connection: Connection) -> bool:
+        held: bool = await connection.fetchval(
+            _HOLDS_LOCK, lock_key(self.source), self.pid, self.backend_start
+        )
+        return held
+
+    async def verify(self, connection: Connection) -> None:
+        """Raise :class:`LockLostError` unless the run's session still holds the lock."""
+        if not await self.held(connection):
+            raise LockLostError(
+                f"source {self.source}: the run lost its lock (the PostgreSQL session holding "
+                "it ended: a server restart or a terminated connection), so it stopped before "
+                "committing anything more; the last committed checkpoint holds: rerun to resume"
+            )
+
+    async def fence(self, connection: Connection, done: bool) -> None:
+        """In a batch transaction, before its checkpoint: go on only while the lock is ours.
+
+        Holding ``commits`` shared first closes the gap between this check and the commit: a
+        run that takes the lock after the check waits in :func:`wait_for_commits` until this
+        transaction has ended, before it reads any checkpoint.
+        """
+        await hold_commits_shared(connection, self.source)
+        await self.verify(connection)
 
 
 async def try_lock_source(connection: Connection, source: str) -> bool:

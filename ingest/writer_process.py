@@ -132,8 +132,8 @@ class _Writer:
         )
         written = 0
         transaction = connection.transaction()
-        await transaction.start()
         try:
+            await transaction.start()  # inside: the connection may be gone (a server restart)
             await hold_commits_shared(connection, self.setup.source)
             converted = await work.convert(connection, job)
             rows, rejected, staged = converted.rows, converted.rejected, converted.staged

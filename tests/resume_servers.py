@@ -44,21 +44,56 @@ def _moment(text: str | None) -> dt.datetime | None:
 
 
 class Valve:
-    """Holds requests while closed, so a test can catch a run in the middle of a fetch."""
+    """Holds requests while closed, so a test can catch a run in the middle of a fetch.
+
+    Closed, it lets through only as many requests as :meth:`allow` granted: a test lets a run
+    reach a point (a commit), takes its lock, then lets the next pages through, so the run can
+    never finish before the test is ready. :meth:`release_held` lets go the requests held so far
+    (a killed run's: nobody reads their answers) without spending what was allowed.
+    """
 
     def __init__(self) -> None:
-        self.opened = asyncio.Event()
-        self.opened.set()
+        self._open = True
+        self._allowance = 0
+        self._generation = 0
+        self._changed = asyncio.Condition()
         self.waiting = 0
 
     async def passage(self) -> None:
-        if self.opened.is_set():
-            return
-        self.waiting += 1
-        try:
-            await self.opened.wait()
-        finally:
-            self.waiting -= 1
+        async with self._changed:
+            generation = self._generation
+
+            def may_pass() -> bool:
+                return self._open or self._allowance > 0 or self._generation != generation
+
+            self.waiting += 1
+            try:
+                await self._changed.wait_for(may_pass)
+            finally:
+                self.waiting -= 1
+            if not self._open and self._generation == generation:
+                self._allowance -= 1
+
+    async def close(self) -> None:
+        async with self._changed:
+            self._open = False
+            self._allowance = 0
+
+    async def open(self) -> None:
+        async with self._changed:
+            self._open = True
+            self._changed.notify_all()
+
+    async def allow(self, requests: int) -> None:
+        """While closed: let ``requests`` more requests through."""
+        async with self._changed:
+            self._allowance += requests
+            self._changed.notify_all()
+
+    async def release_held(self) -> None:
+        async with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
 
 
 def changes_app(

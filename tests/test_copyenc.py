@@ -12,6 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import math
+import subprocess
+import sys
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -236,3 +238,49 @@ async def test_sink_lets_asyncpg_encode_for_a_target_of_other_types(database: st
 def test_every_config_type_but_numeric_has_a_c_encoding() -> None:
     assert set(POSTGRES_TYPES) - set(KINDS) == {"numeric"}
     assert list(VALUES) == KINDS
+
+
+#: Run in a child process: before the fix this was a use-after-free, which may crash.
+EMPTYING_TZINFO = """
+import datetime as dt
+from ingest import copyenc
+
+rows = []
+
+class Emptying(dt.tzinfo):
+    '''An offset of +1 h that, once asked, empties the list of rows being encoded.'''
+
+    def utcoffset(self, when):
+        rows.clear()
+        [bytearray(64) for _ in range(200)]  # reuse what the cleared rows freed
+        return dt.timedelta(hours=1)
+
+    def dst(self, when):
+        return None
+
+encode = copyenc.binary_encoder(["bigint", "timestamptz", "text"])
+plus_one = dt.timezone(dt.timedelta(hours=1))
+expected = encode(
+    [(i, dt.datetime(2026, 1, 2, 3, i % 60, tzinfo=plus_one), "x" * i) for i in range(200)]
+)
+for _ in range(5):
+    rows.extend(
+        (i, dt.datetime(2026, 1, 2, 3, i % 60, tzinfo=Emptying()), "x" * i) for i in range(200)
+    )
+    assert encode(rows) == expected
+    assert rows == []
+print("ok")
+"""
+
+
+def test_a_tzinfo_that_empties_the_row_list_cannot_pull_rows_from_under_the_encoder() -> None:
+    """encode() keeps its own references: the rows it was given are encoded, whatever
+    ``utcoffset()`` does to the caller's list meanwhile."""
+    done = subprocess.run(
+        [sys.executable, "-c", EMPTYING_TZINFO],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr

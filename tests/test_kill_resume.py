@@ -135,6 +135,8 @@ async def test_sigkill_in_each_phase_of_a_batch_then_resume_is_exact(
     Locks taken by the test hold the run at each point: a SHARE lock on the target table stops
     the COPY (append) or the upsert (merge) inside the batch transaction; an EXCLUSIVE lock on
     ``ingest.checkpoints`` stops the transaction after its rows are written, just before commit.
+    The server lets each run fetch one batch's pages, then holds the next ones until the test's
+    lock is in place: the run can never finish its walk before the test is ready for it.
     """
     records = timed_records(400, every=dt.timedelta(minutes=1))
     valve = Valve()
@@ -147,6 +149,8 @@ async def test_sigkill_in_each_phase_of_a_batch_then_resume_is_exact(
         phases = ["fetch", "copy", "before_commit"]
         for index, phase in enumerate(phases):
             before = await committed(db)
+            await valve.close()
+            await valve.allow(2)  # one batch: 2 pages of 10
             cli = await spawn(["run", str(config)], cli_env, tmp_path, f"{phase}{index}")
 
             async def moved_on(before: int = before) -> bool:
@@ -154,26 +158,28 @@ async def test_sigkill_in_each_phase_of_a_batch_then_resume_is_exact(
 
             await wait_until(moved_on, 60, "a commit by this run")
             if phase == "fetch":
-                valve.opened.clear()
 
                 async def held() -> bool:
                     return valve.waiting > 0
 
                 await wait_until(held, what="a fetch held by the server")
                 await cli.kill()
-                valve.opened.set()
+                await valve.release_held()
                 continue
             target, lock = (
                 ("events", "SHARE") if phase == "copy" else ("ingest.checkpoints", "EXCLUSIVE")
             )
             async with db.transaction():
                 await db.execute(f"LOCK TABLE {target} IN {lock} MODE")
+                await valve.allow(2)  # the next batch, which the lock stops
 
                 async def stuck(target: str = target) -> bool:
                     return await blocked_on(db, target, "RowExclusiveLock")
 
                 await wait_until(stuck, what=f"the batch transaction to wait on {target}")
                 await cli.kill()
+            await valve.release_held()
+        await valve.open()
         code, output = await run_cli(["run", str(config)], cli_env, tmp_path, "final")
         assert code == ExitCode.OK, output
     assert await table(db) == source(records)

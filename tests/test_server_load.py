@@ -368,3 +368,42 @@ customer_id = { path = "$parent.id", type = "bigint" }
     assert "shop.toml" in message
     assert "customer_id" in message
     assert 'load = "server"' in message
+
+
+#: Ends the SQL literal a hand-quoted path would make when backslashes escape quotes
+#: (``standard_conforming_strings = off``), then commits a DROP of the canary table (in append
+#: mode's statement; the merge statement just breaks).
+INJECTED_PATH = (
+    "x\\']::text[]), NULL::jsonb FROM (SELECT jsonb_build_object() AS e) AS r WHERE false; "
+    "DROP TABLE canary; COMMIT; --"
+)
+
+
+@pytest.mark.parametrize("mode", ["merge", "append"])
+async def test_a_column_path_is_never_sql_even_without_standard_conforming_strings(
+    database: str, db: Connection, mode: str
+) -> None:
+    """Paths travel as parameters: a quote or backslash in one is data, whatever the server."""
+    name = await db.fetchval("SELECT current_database()")
+    await db.execute(f'ALTER DATABASE "{name}" SET standard_conforming_strings = off')
+    await db.execute("CREATE TABLE canary (alive boolean)")
+    records = rich_records(25)
+    for record in records:
+        record[INJECTED_PATH] = f"odd key {record['id']} \\' ''"
+    rows = await load_both(
+        lambda: page_number_app(records),
+        database,
+        db,
+        mode=mode,
+        columns={**COLUMNS, "odd": {"path": INJECTED_PATH, "type": "text"}},
+        records_path="data.items",
+        params={"per_page": 10},
+        pagination={"style": "page_number", "total_path": "meta.total"},
+    )
+    assert await db.fetchval("SELECT to_regclass('canary') IS NOT NULL")
+    assert [row["odd"] for row in rows] == [f"odd key {i} \\' ''" for i in range(1, 26)]
+    fresh = await asyncpg.connect(database)
+    try:
+        assert await fresh.fetchval("SHOW standard_conforming_strings") == "off"
+    finally:
+        await fresh.close()

@@ -336,14 +336,16 @@ class HttpClient:
                     if wait:
                         self.limiter.pause(wait, reason=f"HTTP {status}")
                 raise RetryableError(
-                    f"HTTP {status}: {_excerpt(body)}", f"http_{status}", wait_at_least=wait or 0.0
+                    f"HTTP {status}: {self.redactor.excerpt(body, EXCERPT_BYTES)}",
+                    f"http_{status}",
+                    wait_at_least=wait or 0.0,
                 )
             self.concurrency.success(ticket)
         where = f"endpoint {endpoint}: " if endpoint != "auth" else "token_url "
         if status >= 400 or status in REDIRECT_STATUSES:
             raise HttpStatusError(
                 f"{where}{self.redactor.url(final_url)}: HTTP {status}: "
-                f"{self.redactor(_excerpt(body))}",
+                f"{self.redactor.excerpt(body, EXCERPT_BYTES)}",
                 status,
             )
         if status == 204:
@@ -356,7 +358,9 @@ class HttpClient:
             document: Any = (parse or orjson.loads)(body)
         except orjson.JSONDecodeError as exc:
             raise RetryableError(
-                f"malformed JSON ({exc}) in {len(body)} bytes: {_excerpt(body)}", "malformed_json"
+                f"malformed JSON ({exc}) in {len(body)} bytes: "
+                f"{self.redactor.excerpt(body, EXCERPT_BYTES)}",
+                "malformed_json",
             ) from None
         return HttpResponse(final_url, status, headers, body, document)
 
@@ -385,7 +389,7 @@ class HttpClient:
                 async with self._session.request(
                     method, target, headers=headers, data=form, allow_redirects=False
                 ) as response:
-                    body = await self._read_capped(response, current)
+                    body = await self._read_capped(response, current, endpoint)
                     status = response.status
                     response_headers = _flatten(response.headers)
             except TimeoutError as exc:
@@ -428,23 +432,35 @@ class HttpClient:
         if wait:
             self.limiter.pause(wait, reason="rate limit remaining 0")
 
-    async def _read_capped(self, response: aiohttp.ClientResponse, url: str) -> bytes:
+    async def _read_capped(
+        self, response: aiohttp.ClientResponse, url: str, endpoint: str
+    ) -> bytes:
+        """The body, at most ``http.max_response_bytes`` of it on the wire and once decoded.
+
+        A compressed body is inflated chunk by chunk as it is read (aiohttp bounds each step),
+        and the decoded size is counted as it grows: a small gzip body that inflates to
+        gigabytes fails at the cap instead of being inflated whole first.
+        """
         limit = self.settings.max_response_bytes
+        where = f"endpoint {endpoint}: " if endpoint != "auth" else "token_url "
         declared = response.content_length
         if declared is not None and declared > limit:
             raise SourceError(
-                f"{self.redactor.url(url)}: response of {declared} bytes exceeds "
+                f"{where}{self.redactor.url(url)}: response of {declared} bytes exceeds "
                 f"http.max_response_bytes={limit}"
             )
-        if declared is not None:  # aiohttp reads exactly that many bytes, in one buffer
-            return await response.read()
+        encoding = response.headers.get("Content-Encoding", "").strip().lower()
+        if declared is not None and encoding in ("", "identity"):
+            return await response.read()  # exactly the declared bytes, in one buffer
         chunks: list[bytes] = []
         size = 0
         async for chunk in response.content.iter_chunked(1 << 16):
             size += len(chunk)
             if size > limit:
+                decoded = f" once decoded ({encoding})" if encoding else ""
                 raise SourceError(
-                    f"{self.redactor.url(url)}: response exceeds http.max_response_bytes={limit}"
+                    f"{where}{self.redactor.url(url)}: response exceeds "
+                    f"http.max_response_bytes={limit}{decoded}"
                 )
             chunks.append(chunk)
         return b"".join(chunks)
@@ -470,9 +486,3 @@ def _flatten(headers: Any) -> dict[str, str]:
         key = name.lower()
         flat[key] = f"{flat[key]}, {value}" if key in flat else value
     return flat
-
-
-def _excerpt(body: bytes) -> str:
-    text = body[:EXCERPT_BYTES].decode("utf-8", errors="replace")
-    text = " ".join(text.split())
-    return text + ("..." if len(body) > EXCERPT_BYTES else "")
