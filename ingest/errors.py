@@ -57,6 +57,11 @@ class SourceError(IngestError):
     """The HTTP source misbehaved in a way retries could not fix."""
 
 
+class SourceAccessError(SourceError, AccessError):
+    """The API refused the credentials (a second 401 after a token refresh, a token request
+    answered 400/401/403): a source failure that no retry can fix."""
+
+
 class PaginationError(SourceError):
     """Pagination cannot continue safely (a repeating cursor, contradictory signals)."""
 

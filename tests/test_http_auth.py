@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -335,10 +336,13 @@ async def test_cli_stderr_names_the_401_in_one_line_and_shows_no_secret(
         code, stdout, stderr = await run_ingest(
             "run", str(config), "--log-level", "debug", "--log-format", "json", env=cli_env
         )
-    assert code == 1
+    assert code == 2  # no retry fixes refused credentials: a person must
     errors = stderr.strip().splitlines()
-    assert errors[-1].startswith("ingest: error: endpoint items: http://127.0.0.1:")
-    assert errors[-1].endswith(
+    final = json.loads(errors[-1])  # JSON logs end with one structured event, not plain text
+    assert final["event"] == "run_finished"
+    assert (final["status"], final["exit_code"]) == ("failed", 2)
+    assert final["error"].startswith("endpoint items: http://127.0.0.1:")
+    assert final["error"].endswith(
         "HTTP 401 again after fetching a new OAuth2 token; check the client's grants and auth.scope"
     )
     assert any("unauthorized_refreshing_token" in line for line in errors)

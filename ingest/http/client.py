@@ -38,7 +38,7 @@ from tenacity import (
 )
 
 from ingest.config import HttpSettings, Source
-from ingest.errors import AccessError, ConfigError, SourceError
+from ingest.errors import ConfigError, SourceAccessError, SourceError
 from ingest.events import NullObserver, RunObserver
 from ingest.http.auth import Authenticator, Credentials, make_authenticator
 from ingest.http.concurrency import AdaptiveConcurrency, Ticket
@@ -198,7 +198,7 @@ class HttpClient:
                 if exc.status != 401 or not self.auth.refreshable or not self.is_own(url):
                     raise
                 if refreshed:
-                    raise AccessError(
+                    raise SourceAccessError(
                         f"endpoint {endpoint}: {self.redactor.url(url)}: HTTP 401 again after "
                         "fetching a new OAuth2 token; check the client's grants and auth.scope"
                     ) from None
@@ -227,7 +227,7 @@ class HttpClient:
             return await self.post_form(url, headers, form, "auth")
         except HttpStatusError as exc:
             # RFC 6749 answers a bad client id/secret with 400 or 401: a person must fix it.
-            error = AccessError if exc.status in {400, *REFUSED_STATUSES} else SourceError
+            error = SourceAccessError if exc.status in {400, *REFUSED_STATUSES} else SourceError
             raise error(f"auth: token request failed: {self.redactor(str(exc))}") from None
 
     # -- retries ---------------------------------------------------------------------------------
