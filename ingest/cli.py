@@ -394,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: live bars when stdout and stderr are terminals, else a log event a second",
     )
     _common(demo_cmd)
+    # The demo's own info events would bury its bars and its sample; warnings still show.
+    demo_cmd.set_defaults(log_level="warning")
     return parser
 
 
