@@ -66,8 +66,7 @@ async def test_bad_config_exits_2_with_one_line(tmp_path: Path, cli_env: dict[st
     assert code == 2
     assert out == ""
     assert err.strip().splitlines() == [
-        f"ingest: error: {config}: endpoints[0].pagination.page_size: "
-        "Input should be greater than 0"
+        f"ingest: error: {config}: endpoint items: pagination.page_size: must be greater than 0"
     ]
 
 
