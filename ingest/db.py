@@ -24,7 +24,10 @@ Connection = asyncpg.Connection | PoolConnectionProxy
 
 #: Connection failures no retry can fix: ``database "x" does not exist`` (3D000), ``role "x"
 #: does not exist`` and other authorization failures (28000), wrong passwords (28P01, a subclass).
-_REFUSED = (asyncpg.InvalidCatalogNameError, asyncpg.InvalidAuthorizationSpecificationError)
+REFUSED_CONNECTION = (
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+)
 
 PG_VARIABLES = ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD", "PGSERVICE")
 
@@ -89,7 +92,7 @@ async def open_pool(dsn: str | None, *, size: int) -> AsyncIterator[asyncpg.Pool
         pool = await asyncpg.create_pool(
             dsn, min_size=1, max_size=max(2, size), init=install_codecs
         )
-    except _REFUSED as exc:
+    except REFUSED_CONNECTION as exc:
         raise AccessError(
             f"PostgreSQL at {describe_dsn(dsn)} refused the connection: {one_line(exc)} "
             "(fix the DSN, the role or its password, or create the database)"

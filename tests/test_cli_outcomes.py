@@ -86,6 +86,17 @@ async def test_missing_database_and_role_exit_2(
     # The DSN-less variant (PG* variables) names the same role: the server's words, not ours.
 
 
+async def test_validate_gives_a_missing_database_the_same_code(
+    tmp_path: Path, cli_env: dict[str, str], database: str
+) -> None:
+    missing_db = urlsplit(database)._replace(path="/no_such_db_for_ingest").geturl()
+    async with serve(gated_app(5)) as base:
+        config = _gated_config(base, tmp_path / "shop.toml")
+        code, out, err = await run_ingest("validate", str(config), "--dsn", missing_db, env=cli_env)
+    assert code == 2, out + err
+    assert 'database "no_such_db_for_ingest" does not exist' in out
+
+
 async def test_unreachable_database_stays_1(cli_env: dict[str, str]) -> None:
     """A server that does not answer may answer later: still "retry"."""
     code, _, err = await run_ingest("migrate", "--dsn", "postgresql://u@127.0.0.1:9/x", env=cli_env)
