@@ -656,7 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.embedded:
                 return asyncio.run(_demo(args, redactor, resolve_dsn(args.dsn)))
             warnings.filterwarnings("ignore", module="platformdirs")
-            print("starting a temporary PostgreSQL (no --dsn, DATABASE_URL or PG* set)...")
+            _say("starting a temporary PostgreSQL (no --dsn, DATABASE_URL or PG* set)...")
             with embedded_postgres() as dsn:
                 return asyncio.run(_demo(args, redactor, dsn))
     except IngestError as exc:
