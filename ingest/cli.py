@@ -1,6 +1,8 @@
 """The ``ingest`` command: parse arguments, call one coroutine, map the outcome to an exit code.
 
-Errors are one line on stderr (``ingest: error: ...``); ``--debug`` adds the traceback.
+Errors are one line on stderr (``ingest: error: ...``); ``--debug`` adds the traceback. With
+JSON logs (``--log-format json``, or stdout not a terminal) ``ingest run`` ends with one
+``run_finished`` event instead (run id, status, exit code, error), success or not.
 
 The modules of the commands other than ``run`` (backfill, worker, status, validate, demo) are
 imported by their command only: without them a scheduled ``ingest run`` starts 0.03-0.05 s
@@ -12,28 +14,96 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import io
 import os
 import sys
+import textwrap
 import traceback
+import uuid
 import warnings
 from collections.abc import Sequence
+from typing import Any, TextIO, cast
 
+import structlog
+
+from ingest import __version__
 from ingest.config import load_config
-from ingest.db import embedded_postgres, has_database_settings, open_pool, resolve_dsn
+from ingest.db import (
+    database_in_use,
+    embedded_postgres,
+    has_database_settings,
+    open_pool,
+    resolve_dsn,
+)
 from ingest.errors import ConfigError, ExitCode, IngestError
-from ingest.log import configure_logging
+from ingest.log import configure_logging, resolved_format
 from ingest.migrate import migrate
 from ingest.observe import ObserveOptions, observing
 from ingest.report import summary_table
 from ingest.runner import run_source
-from ingest.runstate import RunOptions
+from ingest.runstate import RunOptions, RunResult, result_of
 from ingest.secrets import Redactor
+
+log = structlog.get_logger("ingest.cli")
+
+#: Every exit code and what a scheduler should do about it; each command's ``--help`` lists
+#: the ones it can return. The README's table says the same.
+EXIT_CODES: dict[ExitCode, str] = {
+    ExitCode.OK: "success",
+    ExitCode.FAILED: "failed; a later retry may succeed (network, HTTP 5xx or 429 after "
+    "retries, a malformed page, PostgreSQL unreachable)",
+    ExitCode.CONFIG: "a person must fix something; retrying cannot help: the config or a flag, "
+    "a missing environment variable, credentials refused (HTTP 401/403, a wrong PostgreSQL "
+    "password), a database or role that does not exist, a schema that needs `ingest migrate`",
+    ExitCode.LOCKED: "skipped, not a failure: another run of the same source is working",
+    ExitCode.INTERRUPTED: "stopped by a signal after committing its checkpoint: rerun to resume",
+    ExitCode.DEAD_LETTERS: "more records were dead-lettered than --max-dead-letters allows",
+    ExitCode.UNHEALTHY: "`ingest status` only: a --fail-on-failed-run or --max-lag check failed",
+}
+
+
+def exit_codes_epilog(*codes: ExitCode) -> str:
+    """The ``exit codes:`` section of a command's ``--help`` (every code when none is named)."""
+    wanted = codes or tuple(EXIT_CODES)
+    lines = [
+        textwrap.fill(
+            EXIT_CODES[code], width=79, initial_indent=f"  {int(code)}  ", subsequent_indent="     "
+        )
+        for code in wanted
+    ]
+    return "exit codes:\n" + "\n".join(lines)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's line breaks and shows each option's default when it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        shown = default not in (None, False, argparse.SUPPRESS) and default != []
+        if action.option_strings and shown and "%(default)" not in text:
+            text = f"{text} (default: %(default)s)".strip()
+        return text
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser: its help shows defaults and, unless it names its own, every exit
+    code (so a command added later documents them too)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        if kwargs.get("epilog") is None:
+            kwargs["epilog"] = exit_codes_epilog()
+        super().__init__(**kwargs)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dsn", help="PostgreSQL DSN (default: DATABASE_URL, then PG* variables)")
     parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="least severe log event written to stderr",
     )
     parser.add_argument(
         "--log-format",
@@ -54,7 +124,11 @@ def observe_options(parser: argparse.ArgumentParser) -> None:
         "every --progress-interval seconds",
     )
     parser.add_argument(
-        "--progress-interval", type=float, default=30.0, metavar="SECONDS", help="(default 30)"
+        "--progress-interval",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="seconds between progress log events",
     )
     metrics_options(parser)
 
@@ -69,7 +143,10 @@ def metrics_options(parser: argparse.ArgumentParser) -> None:
         help="serve Prometheus metrics on this port while the run lasts (0: any free port)",
     )
     parser.add_argument(
-        "--metrics-host", default="127.0.0.1", metavar="HOST", help="(default 127.0.0.1)"
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address the metrics server listens on (empty: every interface)",
     )
     parser.add_argument(
         "--metrics-textfile",
@@ -117,14 +194,30 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ingest", description="Paginated HTTP APIs into PostgreSQL, exactly once."
+        prog="ingest",
+        description="Paginated HTTP APIs into PostgreSQL, exactly once.",
+        epilog="Run `ingest COMMAND --help` for a command's options.\n\n" + exit_codes_epilog(),
+        formatter_class=HelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"ingest {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
 
-    migrate_cmd = commands.add_parser("migrate", help="create or upgrade ingest's own schema")
+    migrate_cmd = commands.add_parser(
+        "migrate",
+        help="create or upgrade ingest's own schema",
+        description="Create or upgrade ingest's own schema (ingest.*) in the database; "
+        "names the database first.",
+        epilog=exit_codes_epilog(ExitCode.OK, ExitCode.FAILED, ExitCode.CONFIG),
+    )
     _common(migrate_cmd)
 
-    run_cmd = commands.add_parser("run", help="fetch every endpoint of a source config")
+    run_cmd = commands.add_parser(
+        "run",
+        help="fetch every endpoint of a source config",
+        description="Fetch every endpoint of a source config into PostgreSQL; resumes an "
+        "unfinished run from its last committed checkpoint.",
+        epilog=exit_codes_epilog(*sorted(EXIT_CODES.keys() - {ExitCode.UNHEALTHY})),
+    )
     run_cmd.add_argument("config", help="path to a source config (TOML)")
     run_cmd.add_argument(
         "--endpoint", action="append", default=[], help="only this endpoint (repeatable)"
@@ -147,18 +240,36 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run_cmd)
 
     status_cmd = commands.add_parser(
-        "status", help="last run, checkpoint, lag and dead letters per source and endpoint"
+        "status",
+        help="last run, checkpoint, lag and dead letters per source and endpoint",
+        description="Last run, checkpoint, lag and dead letters per source and endpoint. "
+        "Read-only. With --fail-on-failed-run or --max-lag it is a monitoring check.",
+        epilog=exit_codes_epilog(ExitCode.OK, ExitCode.FAILED, ExitCode.CONFIG, ExitCode.UNHEALTHY),
     )
     status_cmd.add_argument(
         "config", nargs="?", help="only this source config (default: every source recorded)"
     )
     status_cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    status_cmd.add_argument(
+        "--fail-on-failed-run",
+        action="store_true",
+        help=f"exit {int(ExitCode.UNHEALTHY)} when an endpoint's last run failed or was "
+        "abandoned (its process died)",
+    )
+    status_cmd.add_argument(
+        "--max-lag",
+        metavar="DURATION",
+        help=f"exit {int(ExitCode.UNHEALTHY)} when an endpoint is further behind than this "
+        "(90s, 30m, 2h, 1d): its time cursor's lag, else the age of the source's last "
+        "successful run",
+    )
     _common(status_cmd)
 
     validate_cmd = commands.add_parser(
         "validate",
         help="check a config, its environment, one request per endpoint and the database; "
         "writes nothing",
+        epilog=exit_codes_epilog(ExitCode.OK, ExitCode.FAILED, ExitCode.CONFIG),
     )
     validate_cmd.add_argument("config", help="path to a source config (TOML)")
     validate_cmd.add_argument(
@@ -166,7 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(validate_cmd)
     backfill_cmd = commands.add_parser(
-        "backfill", help="split a cursor range into partitions and work them with leases"
+        "backfill",
+        help="split a cursor range into partitions and work them with leases",
+        epilog=exit_codes_epilog(
+            ExitCode.OK,
+            ExitCode.FAILED,
+            ExitCode.CONFIG,
+            ExitCode.INTERRUPTED,
+            ExitCode.DEAD_LETTERS,
+        ),
     )
     backfill_cmd.add_argument("config", help="path to a source config (TOML)")
     backfill_cmd.add_argument("--endpoint", required=True, help="the endpoint to backfill")
@@ -188,7 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(backfill_cmd)
 
     worker_cmd = commands.add_parser(
-        "worker", help="claim backfill partitions from PostgreSQL and work them"
+        "worker",
+        help="claim backfill partitions from PostgreSQL and work them",
+        epilog=exit_codes_epilog(
+            ExitCode.OK,
+            ExitCode.FAILED,
+            ExitCode.CONFIG,
+            ExitCode.INTERRUPTED,
+            ExitCode.DEAD_LETTERS,
+        ),
     )
     worker_cmd.add_argument("config", help="path to a source config (TOML)")
     worker_cmd.add_argument(
@@ -252,22 +379,50 @@ def build_parser() -> argparse.ArgumentParser:
     _common(reset_cmd)
 
     demo_cmd = commands.add_parser(
-        "demo", help="run the bundled demo API into PostgreSQL (embedded if no DSN is set)"
+        "demo",
+        help="run the bundled demo API into PostgreSQL (embedded if no DSN is set)",
+        description="Serve a small demo API on 127.0.0.1, load it into PostgreSQL with "
+        "config/demo.toml and show what arrived. Uses --dsn, DATABASE_URL or PG* variables "
+        "when set (and names that database first), else a temporary embedded PostgreSQL.",
+        epilog=exit_codes_epilog(ExitCode.OK, ExitCode.FAILED, ExitCode.CONFIG),
     )
     demo_cmd.add_argument("--users", type=int, default=2500, help="records the demo API serves")
+    demo_cmd.add_argument(
+        "--progress",
+        default="auto",
+        choices=["auto", "bars", "log", "none"],
+        help="auto: live bars when stdout and stderr are terminals, else a log event a second",
+    )
     _common(demo_cmd)
+    # The demo's own info events would bury its bars and its sample; warnings still show.
+    demo_cmd.set_defaults(log_level="warning")
     return parser
+
+
+def _say(text: str) -> None:
+    """A line on stdout, flushed: a person (or a log collector) sees it when it happens."""
+    print(text, flush=True)
+
+
+def _writing_to(where: str) -> None:
+    _say(f"writing to {where}")
 
 
 async def _migrate(dsn: str | None) -> int:
     async with open_pool(dsn, size=1) as pool, pool.acquire() as connection:
+        _writing_to(str(await database_in_use(connection)))
         applied = await migrate(connection)
-    print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+    _say(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
     return ExitCode.OK
 
 
 async def _run(args: argparse.Namespace, redactor: Redactor) -> int:
     loaded = load_config(args.config)
+    # Known before anything starts, so every event of the run carries it and its source
+    # (the metrics server's address, a signal received before the first page, the end).
+    run_id = uuid.uuid4()
+    args.run_id, args.source = run_id, loaded.source.name
+    structlog.contextvars.bind_contextvars(run_id=str(run_id), source=loaded.source.name)
     async with observing(loaded.source.name, _observe(args)) as observer:
         options = RunOptions(
             command="run",
@@ -277,20 +432,58 @@ async def _run(args: argparse.Namespace, redactor: Redactor) -> int:
             observer=observer,
             log_level=args.log_level,
             log_format=args.log_format,
+            run_id=run_id,
+            announce_database=_writing_to,
         )
         result = await run_source(loaded, resolve_dsn(args.dsn), redactor, options)
-    print(summary_table(result, args.config))
+    _say(summary_table(result, args.config))
+    if resolved_format(args.log_format) == "json":
+        _run_finished(args, result, "succeeded", ExitCode.OK, None)
     return ExitCode.OK
+
+
+def _run_finished(
+    args: argparse.Namespace,
+    result: RunResult | None,
+    status: str,
+    code: ExitCode,
+    error: str | None,
+) -> None:
+    """The last event of ``ingest run`` in JSON logs: one line a log pipeline can alert on."""
+    run_id = result.run_id if result is not None else getattr(args, "run_id", None)
+    emit = log.info if code == ExitCode.OK else log.error if status == "failed" else log.warning
+    emit(
+        "run_finished",
+        run_id=str(run_id) if run_id else None,
+        # Only a run that got past the source's lock has a row in ingest.runs.
+        recorded=result is not None,
+        source=getattr(args, "source", None),
+        status=status,
+        exit_code=int(code),
+        error=error,
+    )
 
 
 async def _status(args: argparse.Namespace) -> int:
-    from ingest.status import collect_status, load_for_status, render_status  # noqa: PLC0415
+    from ingest.status import (  # noqa: PLC0415
+        collect_status,
+        health_problems,
+        load_for_status,
+        parse_duration,
+        render_status,
+    )
 
+    max_lag = parse_duration(args.max_lag) if args.max_lag is not None else None
     loaded = load_for_status(args.config) if args.config else None
     async with open_pool(resolve_dsn(args.dsn), size=1) as pool, pool.acquire() as connection:
         report = await collect_status(connection, loaded)
-    print(report.to_json() if args.json else render_status(report))
-    return ExitCode.OK
+    _say(report.to_json() if args.json else render_status(report))
+    problems = health_problems(
+        report, fail_on_failed_run=args.fail_on_failed_run, max_lag_seconds=max_lag
+    )
+    for problem in problems:
+        print(f"ingest: unhealthy: {problem}", file=sys.stderr)
+    return ExitCode.UNHEALTHY if problems else ExitCode.OK
 
 
 async def _validate(args: argparse.Namespace, redactor: Redactor) -> int:
@@ -319,6 +512,7 @@ async def _backfill(args: argparse.Namespace, redactor: Redactor) -> int:
 
     _positive(args, "parallel", "lease_seconds", "max_attempts")
     loaded = load_config(args.config)
+    structlog.contextvars.bind_contextvars(source=loaded.source.name)
     plan = plan_windows(loaded.source.endpoint(args.endpoint), args.start, args.end, args.window)
     async with observing(loaded.source.name, _observe(args)) as observer:
         options = WorkerOptions(
@@ -343,6 +537,7 @@ async def _worker(args: argparse.Namespace, redactor: Redactor) -> int:
 
     _positive(args, "concurrency", "lease_seconds", "max_attempts", "poll_seconds")
     loaded = load_config(args.config)
+    structlog.contextvars.bind_contextvars(source=loaded.source.name)
     async with observing(loaded.source.name, _observe(args)) as observer:
         options = WorkerOptions(
             endpoints=tuple(args.endpoint),
@@ -398,7 +593,7 @@ async def _reset(args: argparse.Namespace) -> int:
 
 
 async def _demo(args: argparse.Namespace, redactor: Redactor, dsn: str | None) -> int:
-    from ingest.demo import DEMO_CONFIG, serve_demo  # noqa: PLC0415
+    from ingest.demo import DEMO_CONFIG, next_steps, sample_report, serve_demo  # noqa: PLC0415
 
     async with serve_demo(users=args.users) as base_url:
         environ = {
@@ -407,24 +602,36 @@ async def _demo(args: argparse.Namespace, redactor: Redactor, dsn: str | None) -
             "INGEST_DEMO_TOKEN": "demo-secret-token",
         }
         loaded = load_config(DEMO_CONFIG, environ)
+        _say(f"demo API on {base_url}, config {DEMO_CONFIG}")
         async with open_pool(dsn, size=1) as pool, pool.acquire() as connection:
+            where = str(await database_in_use(connection))
+            _writing_to(f"{where} (temporary, deleted on exit)" if args.embedded else where)
             await migrate(connection)
-        print(f"demo API on {base_url}; database {'embedded' if args.embedded else 'from DSN'}")
-        result = await run_source(loaded, dsn, redactor, RunOptions(command="demo", restart=True))
-        print(summary_table(result))
+        progress = ObserveOptions(progress=args.progress, progress_interval=1.0)
+        async with observing(loaded.source.name, progress) as observer:
+            options = RunOptions(command="demo", restart=True, observer=observer)
+            result = await run_source(loaded, dsn, redactor, options)
+        _say(summary_table(result))
         async with open_pool(dsn, size=1) as pool, pool.acquire() as connection:
             rows = await connection.fetch(
-                "SELECT id, name, score, updated_at FROM demo_users ORDER BY id LIMIT 5"
+                "SELECT id, name, email, score, updated_at, plan FROM demo_users "
+                "ORDER BY id LIMIT 5"
             )
-            total = await connection.fetchval("SELECT count(*) FROM demo_users")
-        print(f"demo_users now holds {total} rows; the first five:")
-        for row in rows:
-            print(f"  {row['id']:>4}  {row['name']!r:<36} {row['score']!s:>8}  {row['updated_at']}")
+            users = await connection.fetchval("SELECT count(*) FROM demo_users")
+            events = await connection.fetchval("SELECT count(*) FROM demo_events")
+        _say("")
+        _say(sample_report([dict(row) for row in rows], users, events))
+        _say("")
+        _say(next_steps(str(DEMO_CONFIG)))
     return ExitCode.OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare `ingest`: the help, as a usage error (nothing was done)
+        parser.print_help(sys.stderr)
+        return int(ExitCode.CONFIG)
     redactor = Redactor()
     configure_logging(redactor, level=args.log_level, fmt=args.log_format)
     try:
@@ -449,27 +656,53 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.embedded:
                 return asyncio.run(_demo(args, redactor, resolve_dsn(args.dsn)))
             warnings.filterwarnings("ignore", module="platformdirs")
+            _say("starting a temporary PostgreSQL (no --dsn, DATABASE_URL or PG* set)...")
             with embedded_postgres() as dsn:
                 return asyncio.run(_demo(args, redactor, dsn))
     except IngestError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"ingest: error: {redactor(str(exc))}", file=sys.stderr)
-        return int(exc.exit_code)
-    except KeyboardInterrupt:
-        print("ingest: interrupted", file=sys.stderr)
-        return int(ExitCode.INTERRUPTED)
+        return _failed(args, exc, exc.exit_code, redactor(str(exc)))
+    except KeyboardInterrupt as exc:
+        return _failed(args, exc, ExitCode.INTERRUPTED, "interrupted")
     except Exception as exc:  # a bug or an unforeseen failure: still one line, still redacted
         if args.debug:
             traceback.print_exc()
         detail = " ".join(str(exc).split()) or "no details"
-        print(
-            f"ingest: error: unexpected {type(exc).__name__}: {redactor(detail)} "
-            "(rerun with --debug for the traceback)",
-            file=sys.stderr,
+        message = (
+            f"unexpected {type(exc).__name__}: {redactor(detail)} "
+            "(rerun with --debug for the traceback)"
         )
-        return int(ExitCode.FAILED)
+        return _failed(args, exc, ExitCode.FAILED, message)
     raise AssertionError(f"unhandled command {args.command}")
+
+
+#: What the summary and the final event call a run that ended with each code.
+_RUN_STATUS = {ExitCode.LOCKED: "skipped", ExitCode.INTERRUPTED: "interrupted"}
+
+
+def _failed(args: argparse.Namespace, error: BaseException, code: ExitCode, message: str) -> int:
+    """Report a command that did not succeed; returns its exit code.
+
+    A run that was recorded prints its per-endpoint table and ``run <id>: failed`` (or
+    ``interrupted``) on stdout, as a successful one does. The one-line reason goes to stderr:
+    ``ingest: error: ...`` for failures, without ``error:`` for a skipped (locked) or
+    interrupted run, which are not failures; with JSON logs, ``ingest run`` emits a
+    ``run_finished`` event instead.
+    """
+    status = _RUN_STATUS.get(code, "failed")
+    result = result_of(error)
+    if result is not None:
+        _say(summary_table(result, getattr(args, "config", None), status=status))
+    if args.command == "run" and resolved_format(args.log_format) == "json":
+        _run_finished(args, result, status, code, message)
+    elif status == "failed":
+        print(f"ingest: error: {message}", file=sys.stderr)
+    elif message == "interrupted":
+        print("ingest: interrupted", file=sys.stderr)
+    else:
+        print(f"ingest: {status}: {message}", file=sys.stderr)
+    return int(code)
 
 
 def console() -> int:
@@ -483,6 +716,55 @@ def console() -> int:
     reference cycles at exit go unfinalized, as CPython never promised otherwise. Not in
     :func:`main`, which tests and embedders call in a process that goes on.
     """
+    sys.stdout = cast(TextIO, ClosedPipeTolerant(sys.stdout))
     code = main()
     gc.freeze()
     return code
+
+
+class ClosedPipeTolerant(io.TextIOBase):
+    """stdout that a closed pipe (``ingest demo | head -2``) cannot break.
+
+    When the reader goes away, the rest of the output is dropped (fd 1 is pointed at
+    ``/dev/null``) and the command carries on: a load is never cut short halfway by a pager
+    or ``head``, and it exits with its own code (0 when it succeeded), not with a
+    ``BrokenPipeError`` or 141.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._drop_the_rest()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._drop_the_rest()
+
+    def _drop_the_rest(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+        self._stream.flush()  # what was buffered now goes to /dev/null
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._stream.encoding
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)

@@ -7,6 +7,7 @@ error. Every error raised here names the file and the field.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import re
@@ -17,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ingest.config_errors import explain
 from ingest.cursor import CursorFormat, CursorKind
 from ingest.errors import ConfigError
 from ingest.secrets import SENSITIVE_PARAMS, Secret
@@ -99,7 +101,10 @@ class Table(_Frozen):
             if key not in self.columns:
                 raise ValueError(f"primary_key column {key!r} is not declared in columns")
         if self.mode == "merge" and not self.primary_key:
-            raise ValueError("mode 'merge' needs a primary_key")
+            raise ValueError(
+                "mode 'merge' (the default) needs a primary_key such as [\"id\"]; "
+                'or set mode = "append"'
+            )
         return self
 
 
@@ -651,30 +656,6 @@ def _resolve_auth(
     return resolved
 
 
-def _location(error: Any) -> str:
-    parts: list[str] = []
-    for item in error["loc"]:
-        if isinstance(item, int):
-            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
-        elif item in {
-            "page_number",
-            "offset",
-            "cursor",
-            "next_url",
-            "link_header",
-            "single",
-            "bearer",
-            "api_key_header",
-            "api_key_query",
-            "basic",
-            "oauth2_client_credentials",
-        }:
-            continue  # pydantic's discriminated-union branch name, not a user field
-        else:
-            parts.append(str(item))
-    return ".".join(parts)
-
-
 def parse_config(
     text: str, file: Path, environ: Mapping[str, str] | None = None, *, offline: bool = False
 ) -> LoadedConfig:
@@ -691,9 +672,12 @@ def parse_config(
     source_table = document.get("source")
     if not isinstance(source_table, dict):
         raise ConfigError(f"{file}: missing [source] table (name, base_url, headers)")
-    unknown = sorted(set(document) - {"source", "endpoints", "http", "pipeline", "auth"})
+    sections = ("source", "endpoints", "http", "pipeline", "auth")
+    unknown = sorted(set(document) - set(sections))
     if unknown:
-        raise ConfigError(f"{file}: unknown top-level key {unknown[0]!r}")
+        close = difflib.get_close_matches(unknown[0], sections, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(sections)})"
+        raise ConfigError(f"{file}: unknown top-level key {unknown[0]!r}{hint}")
     if unexpanded := _unexpanded_reference(document):
         field, reference = unexpanded
         raise ConfigError(
@@ -713,11 +697,7 @@ def parse_config(
     try:
         source = Source.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        location = _location(first)
-        message = str(first["msg"]).removeprefix("Value error, ")
-        extra = f" ({len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-        raise ConfigError(f"{file}: {location}: {message}{extra}") from None
+        raise ConfigError(f"{file}: {explain(exc, data, Source)}") from None
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     return LoadedConfig(path=file, source=source, config_hash=digest)
 

@@ -10,12 +10,13 @@ import os
 import tempfile
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from ingest.errors import IngestError, one_line
+from ingest.errors import AccessError, IngestError, one_line
 from ingest.pgcodecs import install_codecs
 
 #: A connection, whether held directly or borrowed from a pool.
@@ -28,6 +29,13 @@ CONNECTION_LOST: tuple[type[Exception], ...] = (
     asyncpg.InterfaceError,
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
+)
+
+#: Connection failures no retry can fix: ``database "x" does not exist`` (3D000), ``role "x"
+#: does not exist`` and other authorization failures (28000), wrong passwords (28P01, a subclass).
+REFUSED_CONNECTION = (
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.InvalidAuthorizationSpecificationError,
 )
 
 PG_VARIABLES = ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD", "PGSERVICE")
@@ -56,6 +64,36 @@ def describe_dsn(dsn: str | None) -> str:
         return "a malformed DSN (expected postgresql://user:password@host:port/database)"
 
 
+@dataclass(frozen=True, slots=True)
+class DatabaseInUse:
+    """Where a connection landed, as the server reports it (never the password)."""
+
+    database: str
+    user: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"database {self.database} on {self.host}:{self.port} as {self.user}"
+
+
+async def database_in_use(connection: Connection) -> DatabaseInUse:
+    """Ask the server where we are: a DSN, ``PG*`` variables and service files all resolve to
+    this, so a message built from it names the database the rows really go to."""
+    row = await connection.fetchrow(
+        "SELECT current_database() AS database, current_user AS user, "
+        "host(inet_server_addr()) AS host, "
+        "coalesce(inet_server_port(), current_setting('port')::int) AS port"
+    )
+    assert row is not None
+    return DatabaseInUse(
+        database=row["database"],
+        user=row["user"],
+        host=row["host"] or "a local socket",
+        port=row["port"],
+    )
+
+
 @asynccontextmanager
 async def open_pool(dsn: str | None, *, size: int) -> AsyncIterator[asyncpg.Pool]:
     """A connection pool; a connection failure becomes a one-line error naming the server.
@@ -71,6 +109,13 @@ async def open_pool(dsn: str | None, *, size: int) -> AsyncIterator[asyncpg.Pool
         )
         async with pool.acquire():
             pass
+    except REFUSED_CONNECTION as exc:
+        if pool is not None:
+            pool.terminate()
+        raise AccessError(
+            f"PostgreSQL at {describe_dsn(dsn)} refused the connection: {one_line(exc)} "
+            "(fix the DSN, the role or its password, or create the database)"
+        ) from None
     except (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         if pool is not None:
             pool.terminate()

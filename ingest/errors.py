@@ -10,7 +10,13 @@ from enum import IntEnum
 
 
 class ExitCode(IntEnum):
-    """Process exit codes; documented in the README and stable across releases."""
+    """Process exit codes; documented in the README and stable across releases.
+
+    What a scheduler does with each: 1 retry later (the API or the database had a bad moment);
+    2 page a person (the config, a credential or a database name is wrong: no retry can fix
+    it); 3 nothing (another run of the source is working); 4 rerun to resume; 5 look at the
+    dead letters; 6 (``ingest status`` checks) alert.
+    """
 
     OK = 0
     FAILED = 1
@@ -18,6 +24,9 @@ class ExitCode(IntEnum):
     LOCKED = 3
     INTERRUPTED = 4
     DEAD_LETTERS = 5
+    #: ``ingest status --fail-on-failed-run`` / ``--max-lag``: a monitoring check failed. Its
+    #: own code, so a check can tell "the pipeline is unhealthy" from "the check could not run".
+    UNHEALTHY = 6
 
 
 def one_line(error: BaseException) -> str:
@@ -37,8 +46,20 @@ class ConfigError(IngestError):
     exit_code = ExitCode.CONFIG
 
 
+class AccessError(IngestError):
+    """An API or PostgreSQL refused the credentials (HTTP 401/403, a wrong password), or the
+    database or role named does not exist: a person must fix the config or the environment."""
+
+    exit_code = ExitCode.CONFIG
+
+
 class SourceError(IngestError):
     """The HTTP source misbehaved in a way retries could not fix."""
+
+
+class SourceAccessError(SourceError, AccessError):
+    """The API refused the credentials (a second 401 after a token refresh, a token request
+    answered 400/401/403): a source failure that no retry can fix."""
 
 
 class PaginationError(SourceError):

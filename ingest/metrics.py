@@ -23,6 +23,7 @@ from pathlib import Path
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, write_to_textfile
 from prometheus_client.exposition import start_http_server
+from prometheus_client.metrics_core import Metric
 
 from ingest.errors import ConfigError
 
@@ -33,12 +34,26 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 DEFAULT_HOST = "127.0.0.1"
 
 
+class RunRegistry(CollectorRegistry):
+    """A registry that leaves out the ``*_created`` series prometheus_client adds to every
+    counter and histogram: creation timestamps are not metrics, they double the series count
+    and dashboards mistake them for counters. ``ingest_run_start_time_seconds`` says when the
+    run started. (Per registry, not prometheus_client's process-wide switch.)"""
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in super().collect():
+            metric.samples = [
+                sample for sample in metric.samples if not sample.name.endswith("_created")
+            ]
+            yield metric
+
+
 class RunMetrics:
     """A :class:`~ingest.events.RunObserver` that keeps Prometheus counters for one source."""
 
     def __init__(self, source: str, registry: CollectorRegistry | None = None) -> None:
         self.source = source
-        self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.registry = registry or RunRegistry(auto_describe=True)
         labels = ("source", "endpoint")
         reg = self.registry
         self.records = Counter(
@@ -165,7 +180,12 @@ def exporting(
                 f"--metrics-port: cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
             ) from None
         bound = int(server.server_port)
-        log.info("metrics_serving", url=f"http://{_url_host(host)}:{bound}/metrics")
+        # The run id comes from the log context (``ingest run`` binds it before the run).
+        log.info(
+            "metrics_serving",
+            url=f"http://{_url_host(host)}:{bound}/metrics",
+            source=metrics.source,
+        )
     succeeded = False
     try:
         yield bound

@@ -104,7 +104,7 @@ class Pipeline:
         self.options = options or RunOptions()
         self.redact_url = redact_url
         self.settings = loaded.source.pipeline
-        self.run_id = uuid.uuid4()
+        self.run_id = self.options.run_id or uuid.uuid4()
         self.stats: dict[str, EndpointStats] = {}
         self.writer = BatchWriter(pool, self.options)
         #: Writer processes for the batches of scheduled walks (``pipeline.writer_processes``).
@@ -166,6 +166,7 @@ class Pipeline:
                 source=self.source.name,
                 config_hash=self.loaded.config_hash,
                 endpoints=self.options.endpoints,
+                run_id=self.options.run_id,
             )
         structlog.contextvars.bind_contextvars(run_id=str(self.run_id), source=self.source.name)
         try:

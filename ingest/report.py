@@ -7,10 +7,13 @@ import shlex
 from ingest.runstate import RunResult
 
 
-def summary_table(result: RunResult, config: str | None = None) -> str:
+def summary_table(
+    result: RunResult, config: str | None = None, *, status: str = "succeeded"
+) -> str:
     """Per endpoint: pages, records, dead letters, seconds, records/s; then retries by reason,
     and where to find this run's dead letters when it has any (``config``: the command's
-    config path, for the command line shown)."""
+    config path, for the command line shown); then ``run <id>: <status>`` (succeeded, failed,
+    interrupted). A failed or interrupted run shows what it committed before it stopped."""
     header = ("endpoint", "pages", "records", "dead", "seconds", "records/s")
     rows = [
         (
@@ -35,7 +38,7 @@ def summary_table(result: RunResult, config: str | None = None) -> str:
     dead = sum(stats.dead_letters for stats in result.endpoints.values())
     if dead:
         lines.append(dead_letter_pointer(result, dead, config))
-    lines.append(f"run {result.run_id}: succeeded")
+    lines.append(f"run {result.run_id}: {status}")
     return "\n".join(lines)
 
 

@@ -11,21 +11,21 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import asyncpg
 import structlog
 
 from ingest.config import LoadedConfig
-from ingest.db import open_pool
-from ingest.errors import ConfigError, InterruptedRun
+from ingest.db import database_in_use, open_pool
+from ingest.errors import ConfigError, InterruptedRun, LockedError
 from ingest.events import RunObserver
 from ingest.http.client import HttpClient
 from ingest.log import resolved_format
 from ingest.migrate import pending
 from ingest.offload import WriterPool, WriterSetup
 from ingest.pipeline import Pipeline
-from ingest.runstate import RunOptions, RunResult
+from ingest.runstate import RunOptions, RunResult, attach_result
 from ingest.secrets import Redactor
 from ingest.slices import most_slices
 from ingest.tuning import relaxed_gc
@@ -70,11 +70,17 @@ async def connected(
     *,
     pool_size: int,
     observer: RunObserver,
+    announce: Callable[[str], None] | None = None,
 ) -> AsyncIterator[tuple[asyncpg.Pool, HttpClient]]:
-    """A pool on an up-to-date schema and the source's HTTP client, for any command that runs."""
+    """A pool on an up-to-date schema and the source's HTTP client, for any command that runs.
+
+    ``announce`` is told which database the pool reached before anything is written there.
+    """
     async with open_pool(dsn, size=pool_size) as pool:
         async with pool.acquire() as connection:
             missing = await pending(connection)
+            if announce is not None:
+                announce(str(await database_in_use(connection)))
         if missing:
             raise ConfigError(
                 f"database schema is not up to date (pending: {', '.join(missing)}): "
@@ -118,30 +124,41 @@ async def run_source(
     # A connection for every consumer of every endpoint (of every slice of a sliced one).
     walks = sum(most_slices(endpoint, source.http.max_concurrency) for endpoint in source.endpoints)
     pool_size = walks * source.pipeline.consumers + 2
-    async with connected(loaded, dsn, redactor, pool_size=pool_size, observer=options.observer) as (
-        pool,
-        http,
-    ):
-        try:
-            with stop_on_signals(stop), relaxed_gc():
-                async with writer_pool(loaded, dsn, redactor, options) as writers:
-                    pipeline = Pipeline(
-                        loaded,
-                        pool,
-                        http,
-                        options=options,
-                        redact_url=redactor.url,
-                        writers=writers,
-                    )
-                    result = await pipeline.run()
-        except asyncio.CancelledError:
+    pipeline: Pipeline | None = None
+    try:
+        async with connected(
+            loaded,
+            dsn,
+            redactor,
+            pool_size=pool_size,
+            observer=options.observer,
+            announce=options.announce_database,
+        ) as (pool, http):
+            try:
+                with stop_on_signals(stop), relaxed_gc():
+                    async with writer_pool(loaded, dsn, redactor, options) as writers:
+                        pipeline = Pipeline(
+                            loaded,
+                            pool,
+                            http,
+                            options=options,
+                            redact_url=redactor.url,
+                            writers=writers,
+                        )
+                        result = await pipeline.run()
+            except asyncio.CancelledError:
+                raise InterruptedRun(
+                    "run cancelled by a second signal; the last committed checkpoint holds: "
+                    "rerun to resume"
+                ) from None
+        if result.interrupted:
             raise InterruptedRun(
-                "run cancelled by a second signal; the last committed checkpoint holds: "
+                f"run {result.run_id} stopped by a signal after committing its checkpoint: "
                 "rerun to resume"
-            ) from None
-    if result.interrupted:
-        raise InterruptedRun(
-            f"run {result.run_id} stopped by a signal after committing its checkpoint: "
-            "rerun to resume"
-        )
+            )
+    except BaseException as error:
+        # A run that was recorded (it got past the source lock) reports what it did.
+        if pipeline is not None and not isinstance(error, LockedError):
+            attach_result(error, pipeline.result())
+        raise
     return result

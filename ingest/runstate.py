@@ -39,6 +39,10 @@ class RunOptions:
     #: The run's log settings, for the writer processes it starts (``pipeline.writer_processes``).
     log_level: str = "info"
     log_format: LogFormat = "auto"
+    #: The run's id, when the caller logs under it before the run starts (``ingest run``).
+    run_id: uuid.UUID | None = None
+    #: Told where the run writes (database, host, port, role) before anything is written.
+    announce_database: Callable[[str], None] | None = None
 
 
 #: Called inside each batch's transaction, after the batch's turn has come and before the
@@ -97,6 +101,18 @@ class RunResult:
     endpoints: dict[str, EndpointStats]
     retries: Counter[str]
     interrupted: bool = False
+
+
+def attach_result(error: BaseException, result: RunResult) -> None:
+    """Keep what a failed or interrupted run did on its error, so the CLI can still print the
+    per-endpoint table and the run id (see :func:`result_of`)."""
+    error.ingest_run_result = result  # type: ignore[attr-defined]
+
+
+def result_of(error: BaseException) -> RunResult | None:
+    """The partial result :func:`attach_result` kept on ``error``, if any."""
+    result = getattr(error, "ingest_run_result", None)
+    return result if isinstance(result, RunResult) else None
 
 
 class CommitGate:

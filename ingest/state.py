@@ -208,10 +208,12 @@ async def start_run(
     source: str,
     config_hash: str,
     endpoints: Sequence[str] = (),
+    run_id: uuid.UUID | None = None,
 ) -> uuid.UUID:
     """Record a run as started. ``endpoints``: the ones a limited run (``--endpoint``) covers,
-    so ``ingest status`` shows it in progress for those only; empty: the whole source."""
-    run_id = uuid.uuid4()
+    so ``ingest status`` shows it in progress for those only; empty: the whole source.
+    ``run_id``: an id the caller already logs under (``ingest run``), else a new one."""
+    run_id = run_id or uuid.uuid4()
     await connection.execute(
         "INSERT INTO ingest.runs (run_id, command, source, config_hash, host, endpoints) "
         "VALUES ($1, $2, $3, $4, $5, $6::jsonb)",

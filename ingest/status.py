@@ -458,3 +458,57 @@ def _duration(seconds: float) -> str:
 
 def _shorten(text: str, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``30m``, ``2h``, ``1d`` (or plain seconds) as seconds; a ConfigError otherwise."""
+    value = text.strip().lower()
+    unit = _DURATION_UNITS.get(value[-1:], 0)
+    number = value[:-1] if unit else value
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0 or seconds == float("inf"):
+        raise ConfigError(f"--max-lag: {text!r} is not a duration such as 90s, 30m, 2h or 1d")
+    return seconds
+
+
+def health_problems(
+    report: StatusReport, *, fail_on_failed_run: bool, max_lag_seconds: float | None
+) -> list[str]:
+    """What makes a monitoring check fail, one line each (empty: healthy).
+
+    ``fail_on_failed_run``: an endpoint whose last run failed or was abandoned (its process
+    died). ``max_lag_seconds``: an endpoint further behind than this: its incremental cursor's
+    lag where it has a time cursor, else the age of the source's last successful run (a source
+    that never succeeded is behind by definition).
+    """
+    problems: list[str] = []
+    now = report.generated_at
+    for source in report.sources:
+        for endpoint in source.endpoints:
+            where = f"{source.source}.{endpoint.endpoint}"
+            run = endpoint.last_run
+            if fail_on_failed_run and run is not None and run.result in {"failed", "abandoned"}:
+                detail = f": {run.error}" if run.error else ""
+                problems.append(f"{where}: last run {run.run_id} {run.result}{detail}")
+            if max_lag_seconds is None:
+                continue
+            checkpoint = endpoint.checkpoint
+            if checkpoint is not None and checkpoint.lag_seconds is not None:
+                lag, what = checkpoint.lag_seconds, "cursor is {} behind"
+            elif source.last_success is not None:
+                lag, what = (now - source.last_success).total_seconds(), "last success {} ago"
+            else:
+                problems.append(f"{where}: no successful run yet")
+                continue
+            if lag > max_lag_seconds:
+                problems.append(
+                    f"{where}: {what.format(_duration(lag))}, more than --max-lag "
+                    f"{_duration(max_lag_seconds)}"
+                )
+    return problems

@@ -37,7 +37,7 @@ from ingest.config import (
     parse_config,
     read_secret_file,
 )
-from ingest.db import describe_dsn
+from ingest.db import REFUSED_CONNECTION, describe_dsn
 from ingest.errors import ExitCode, IngestError, SourceError, one_line
 from ingest.http.client import HttpClient
 from ingest.migrate import pending
@@ -395,7 +395,9 @@ async def _check_endpoint(
         message = one_line(exc)
         if not message.startswith(f"endpoint {endpoint.name}:"):
             message = f"endpoint {endpoint.name}: {url}: {message}"
-        return [Problem("endpoint", message)]
+        # Refused credentials (HTTP 401/403) are the config's to fix, as in `ingest run`.
+        refused = isinstance(exc, IngestError) and exc.exit_code == ExitCode.CONFIG
+        return [Problem("config" if refused else "endpoint", message)]
     if note := _typed_note(endpoint, response.body, probe.parent):
         notes.append(f"endpoint {endpoint.name}: {url}: {note}")
     sample = records[:SAMPLE_RECORDS]
@@ -445,7 +447,11 @@ async def _check_database(dsn: str | None, redactor: Redactor, seconds: float) -
         connection = await asyncpg.connect(dsn, timeout=seconds)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         message = one_line(exc)
-        return [Problem("database", f"{where}: cannot connect: {message}")]
+        # A database or role that does not exist, a wrong password: a person must fix them.
+        kind: Literal["config", "database"] = (
+            "config" if isinstance(exc, REFUSED_CONNECTION) else "database"
+        )
+        return [Problem(kind, f"{where}: cannot connect: {message}")]
     try:
         async with connection.transaction(readonly=True):
             await connection.fetchval("SELECT 1")

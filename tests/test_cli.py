@@ -33,8 +33,9 @@ async def test_run_prints_summary_and_second_merge_run_changes_nothing(
         code, out, err = await run_ingest("run", str(config), env=env)
         assert code == 0, err
         lines = out.splitlines()
-        assert lines[0].split() == ["endpoint", "pages", "records", "dead", "seconds", "records/s"]
-        assert lines[1].split()[:4] == ["items", "6", "57", "0"]
+        assert lines[0].startswith("writing to database ")  # named before anything is written
+        assert lines[1].split() == ["endpoint", "pages", "records", "dead", "seconds", "records/s"]
+        assert lines[2].split()[:4] == ["items", "6", "57", "0"]
         assert "retries: none" in out
         assert "tok-8f3a9c1d2e7b" not in out + err
         assert all(
@@ -61,12 +62,11 @@ async def test_bad_config_exits_2_with_one_line(tmp_path: Path, cli_env: dict[st
             pagination={"style": "page_number", "page_size": 0},
         )
     )
-    code, out, err = await run_ingest("run", str(config), env=cli_env)
+    code, out, err = await run_ingest("run", str(config), "--log-format", "console", env=cli_env)
     assert code == 2
     assert out == ""
     assert err.strip().splitlines() == [
-        f"ingest: error: {config}: endpoints[0].pagination.page_size: "
-        "Input should be greater than 0"
+        f"ingest: error: {config}: endpoint items: pagination.page_size: must be greater than 0"
     ]
 
 
@@ -118,7 +118,7 @@ async def test_missing_env_var_and_unreachable_database_are_one_line_errors(
     assert len(err.strip().splitlines()) == 1
 
     env = {**cli_env, "MISSING_KEY": "k", "DATABASE_URL": "postgresql://u:pw-secret@127.0.0.1:9/x"}
-    code, _, err = await run_ingest("run", str(config), env=env)
+    code, _, err = await run_ingest("run", str(config), "--log-format", "console", env=env)
     assert code == 1
     assert err.startswith(
         "ingest: error: cannot connect to PostgreSQL at postgresql://u@127.0.0.1:9/x"
@@ -142,7 +142,7 @@ async def test_run_before_migrate_says_what_to_do(
 async def test_demo_runs_against_the_given_database(cli_env: dict[str, str], database: str) -> None:
     code, out, err = await run_ingest("demo", "--users", "321", env=cli_env)
     assert code == 0, err
-    assert "demo_users now holds 321 rows" in out
+    assert "demo_users holds 321 rows" in out
     assert "demo-secret-token" not in out + err
     connection = await asyncpg.connect(database)
     try:

@@ -72,14 +72,26 @@ def test_missing_environment_variable_names_it() -> None:
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        (('style = "cursor"', 'style = "sideways"'), "shop.toml: endpoints[0].pagination"),
+        (
+            ('style = "cursor"', 'style = "sideways"'),
+            "shop.toml: endpoint orders: pagination.style: unknown style 'sideways'",
+        ),
         (('name = "orders"\nprimary_key', 'name = "orders; drop"\nprimary_key'), "table name"),
-        (('type = "numeric"', 'type = "money"'), "endpoints[0].table.columns.total.type"),
+        (
+            ('type = "numeric"', 'type = "money"'),
+            "endpoint orders: table.columns.total.type: expected one of: text, bigint",
+        ),
         (('primary_key = ["id"]', 'primary_key = ["nope"]'), "primary_key column 'nope'"),
-        (('primary_key = ["id"]', "mode = 'merge'"), "mode 'merge' needs a primary_key"),
+        (
+            ('primary_key = ["id"]', "mode = 'merge'"),
+            "mode 'merge' (the default) needs a primary_key",
+        ),
         (('base_url = "https://api.example.com/v1/"', 'base_url = "ftp://x"'), "base_url"),
         (("[[endpoints]]", "[[endpoint]]"), "unknown top-level key 'endpoint'"),
-        (('path = "/orders"', 'path = "/orders"\ncolour = "red"'), "endpoints[0].colour"),
+        (
+            ('path = "/orders"', 'path = "/orders"\ncolour = "red"'),
+            "endpoint orders: unknown key 'colour' (known: incremental, name,",
+        ),
     ],
 )
 def test_bad_field_gives_one_line_naming_file_and_field(

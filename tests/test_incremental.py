@@ -120,7 +120,7 @@ def test_bad_incremental_config_names_the_field() -> None:
         "http://127.0.0.1:1",
         incremental='[endpoints.incremental]\ncursor_path = "u"\nparam = "since"\nlookback = "x"\n',
     )
-    with pytest.raises(ConfigError, match=r"endpoints\[0\]\.incremental: lookback: duration 'x'"):
+    with pytest.raises(ConfigError, match=r"endpoint events: incremental: lookback: duration 'x'"):
         parse_config(bad, Path("shop.toml"))
 
 

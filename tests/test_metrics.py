@@ -127,19 +127,29 @@ async def test_cli_metrics_port_is_scrapable_mid_run_and_textfile_written_at_the
                     event = json.loads(line)
                     if event["event"] == "metrics_serving":
                         url = event["url"]
+                        serving = event
                 assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics")
                 async with aiohttp.ClientSession() as client:
                     scraped: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
                     while scraped.get(("ingest_records_total", tuple(sorted(ITEMS.items())))) != 20:
                         await asyncio.sleep(0.05)
                         async with client.get(url) as response:
-                            scraped = samples(await response.text())
+                            text = await response.text()
+                            scraped = samples(text)
+                    assert "_created" not in text  # creation times are not metrics
             assert value(scraped, "ingest_pages_total", **ITEMS) == 2
         finally:
             app[RELEASE].set()
         stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, stderr.decode()
     final = samples(textfile.read_text())
+    assert "_created" not in textfile.read_text()
+    connection = await asyncpg.connect(database)
+    try:
+        run_id = str(await connection.fetchval("SELECT run_id FROM ingest.runs"))
+    finally:
+        await connection.close()
+    assert (serving["run_id"], serving["source"]) == (run_id, "test")
     assert value(final, "ingest_records_total", **ITEMS) == 40
     assert value(final, "ingest_run_success", source="test") == 1
     assert b"succeeded" in stdout

@@ -84,7 +84,7 @@ async def test_validate_without_auth_secrets_still_checks_the_rest_offline(
     lines = both.stdout.splitlines()
     assert both.returncode == 2
     assert lines[0] == f"{broken}: {MISSING[given]}"
-    assert lines[1].startswith(f"{broken}: endpoints[0].table.mode: ")
+    assert lines[1].startswith(f"{broken}: endpoint items: table.mode: ")
 
 
 async def test_validate_with_the_secret_requests_the_endpoints(

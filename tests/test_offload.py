@@ -8,6 +8,7 @@ against the in-process path in tests/test_typed.py, child endpoints in tests/tes
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import signal
 from pathlib import Path
@@ -67,10 +68,16 @@ async def test_a_writer_killed_mid_run_fails_the_run_in_one_line_and_the_rerun_i
         code = await cli.wait(60)
         output = cli.output()
         assert code == ExitCode.FAILED, output
-        errors = [line for line in output.splitlines() if line.startswith("ingest: error:")]
-        assert len(errors) == 1, output
-        assert f"writer process {pids[0]} ended while" in errors[0]
-        assert "nothing of its batch was committed unless its checkpoint says so" in errors[0]
+        # JSON logs (stdout is not a terminal): the run ends with one run_finished event.
+        final = json.loads(cli.stderr.read_text().splitlines()[-1])
+        assert (final["event"], final["status"], final["exit_code"]) == (
+            "run_finished",
+            "failed",
+            1,
+        )
+        assert f"writer process {pids[0]} ended while" in final["error"]
+        assert "nothing of its batch was committed unless its checkpoint says so" in final["error"]
+        assert "ingest: error:" not in output
         assert password not in output
         # Exactly the checkpointed rows: none of the killed writer's batch, none twice.
         done = await db.fetchval("SELECT records FROM ingest.checkpoints")

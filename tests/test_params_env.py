@@ -71,7 +71,7 @@ async def test_an_unset_variable_in_params_is_a_config_error_naming_the_field(
             )
         )
         env = {key: value for key, value in cli_env.items() if key != "GH_ORG"}
-        code, out, err = await run_ingest("run", str(config), env=env)
+        code, out, err = await run_ingest("run", str(config), "--log-format", "console", env=env)
     assert code == 2, out + err
     assert err.strip().splitlines() == [
         f"ingest: error: {config}: endpoints.items.params.org: environment variable GH_ORG "

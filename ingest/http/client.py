@@ -38,7 +38,7 @@ from tenacity import (
 )
 
 from ingest.config import HttpSettings, Source
-from ingest.errors import ConfigError, SourceError
+from ingest.errors import ConfigError, SourceAccessError, SourceError
 from ingest.events import NullObserver, RunObserver
 from ingest.http.auth import Authenticator, Credentials, make_authenticator
 from ingest.http.concurrency import AdaptiveConcurrency, Ticket
@@ -46,6 +46,7 @@ from ingest.http.messages import HttpResponse, PageRequest, ParseBody
 from ingest.http.ratelimit import RateLimiter
 from ingest.http.retry import (
     OVERLOAD_STATUSES,
+    REFUSED_STATUSES,
     RETRYABLE_STATUSES,
     HttpStatusError,
     RetryableError,
@@ -197,7 +198,7 @@ class HttpClient:
                 if exc.status != 401 or not self.auth.refreshable or not self.is_own(url):
                     raise
                 if refreshed:
-                    raise SourceError(
+                    raise SourceAccessError(
                         f"endpoint {endpoint}: {self.redactor.url(url)}: HTTP 401 again after "
                         "fetching a new OAuth2 token; check the client's grants and auth.scope"
                     ) from None
@@ -225,7 +226,9 @@ class HttpClient:
         try:
             return await self.post_form(url, headers, form, "auth")
         except HttpStatusError as exc:
-            raise SourceError(f"auth: token request failed: {self.redactor(str(exc))}") from None
+            # RFC 6749 answers a bad client id/secret with 400 or 401: a person must fix it.
+            error = SourceAccessError if exc.status in {400, *REFUSED_STATUSES} else SourceError
+            raise error(f"auth: token request failed: {self.redactor(str(exc))}") from None
 
     # -- retries ---------------------------------------------------------------------------------
 

@@ -13,7 +13,10 @@ import time
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 
-from ingest.errors import SourceError
+from ingest.errors import ExitCode, SourceError
+
+#: Statuses that mean the credentials are missing, wrong or lack a grant: a person must act.
+REFUSED_STATUSES = frozenset({401, 403})
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 #: Statuses meaning "too much load from you": they shrink the adaptive concurrency limit, and
@@ -33,11 +36,16 @@ class RetryableError(SourceError):
 
 
 class HttpStatusError(SourceError):
-    """A non-retryable HTTP status (4xx other than the retryable ones)."""
+    """A non-retryable HTTP status (4xx other than the retryable ones).
+
+    401 and 403 exit with the config code: no retry fixes a revoked token or a missing grant.
+    """
 
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+        if status in REFUSED_STATUSES:
+            self.exit_code = ExitCode.CONFIG
 
 
 def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:
