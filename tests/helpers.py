@@ -110,3 +110,14 @@ async def table_rows(
 
 async def ids(connection: asyncpg.Connection[Any], table: str = "items") -> list[int]:
     return [row["id"] for row in await connection.fetch(f'SELECT id FROM "{table}" ORDER BY id')]
+
+
+def final_error(stderr: str) -> str:
+    """The error a failed CLI run ended with: the ``run_finished`` event's ``error`` in JSON
+    logs (a subprocess's stdout is no terminal), else the plain ``ingest: error:`` line's text."""
+    last = stderr.strip().splitlines()[-1]
+    if last.startswith("{"):
+        event = json.loads(last)
+        assert event["event"] == "run_finished", last
+        return str(event["error"])
+    return last.removeprefix("ingest: error: ")

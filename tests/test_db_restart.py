@@ -19,6 +19,7 @@ import pytest
 
 from ingest.errors import ExitCode
 from ingest.migrate import migrate
+from tests.helpers import final_error
 from tests.pg_cluster import Cluster, cluster
 from tests.processes import run_cli, spawn, wait_until
 from tests.resume_servers import Valve, changes_app, events_config, timed_records
@@ -102,21 +103,19 @@ async def test_a_restart_between_batches_stops_the_run_cleanly_and_the_rerun_is_
         output = cli.output()
         assert code == ExitCode.FAILED, output
         assert "Traceback" not in output, output
-        last = cli.stderr.read_text().strip().splitlines()[-1]
+        last = final_error(cli.stderr.read_text())
         # In process, the next batch finds the lock gone; a writer process finds its own
         # connection gone first.
         if writers:
-            assert last.startswith("ingest: error: endpoint events: writing a batch of "), output
+            assert last.startswith("endpoint events: writing a batch of "), output
             assert "failed (ConnectionDoesNotExistError: " in last, output
         else:
-            assert last.startswith("ingest: error: source shop: the run lost its lock"), output
+            assert last.startswith("source shop: the run lost its lock"), output
         assert last.endswith("rerun to resume"), output
         # Nothing was written once the lock was gone; the run says it failed.
         assert await committed(dsn) == 40
         runs = await query(dsn, "SELECT status, error FROM ingest.runs")
-        assert [(row["status"], row["error"]) for row in runs] == [
-            ("failed", last.removeprefix("ingest: error: "))
-        ]
+        assert [(row["status"], row["error"]) for row in runs] == [("failed", last)]
         code, output = await run_cli(["run", str(config)], env, tmp_path, "rerun")
         assert code == ExitCode.OK, output
     connection = await asyncpg.connect(dsn)
@@ -169,8 +168,8 @@ async def test_a_run_whose_lock_session_ended_commits_nothing_more_while_another
         output = cli.output()
         assert code == ExitCode.FAILED, output
         assert "Traceback" not in output, output
-        last = cli.stderr.read_text().strip().splitlines()[-1]
-        assert last.startswith("ingest: error: source shop: the run lost its lock"), output
+        last = final_error(cli.stderr.read_text())
+        assert last.startswith("source shop: the run lost its lock"), output
         assert await committed(database) == 40
         assert await db.fetchval("SELECT count(*) FROM events") == 40
         assert await db.fetchval("SELECT status FROM ingest.runs") == "failed"
@@ -205,8 +204,8 @@ async def test_a_server_down_when_the_run_writes_is_one_clean_line_and_the_rerun
         output = cli.output()
         assert code == ExitCode.FAILED, output
         assert "Traceback" not in output, output
-        last = cli.stderr.read_text().strip().splitlines()[-1]
-        assert last.startswith("ingest: error: endpoint events: writing a batch of "), output
+        last = final_error(cli.stderr.read_text())
+        assert last.startswith("endpoint events: writing a batch of "), output
         assert last.endswith("the last checkpoint holds: rerun to resume"), output
         assert "run_record_not_saved" in output  # it could not say so in ingest.runs
         await asyncio.to_thread(restartable.start)

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from ingest.errors import ExitCode, SourceError
 from ingest.secrets import Redactor, Secret
-from tests.helpers import config_text, make_config, run
+from tests.helpers import config_text, final_error, make_config, run
 from tests.http_support import database_text
 from tests.processes import run_ingest
 from tests.servers import _app, make_records, serve
@@ -158,8 +158,8 @@ async def test_a_server_echoing_the_credential_never_gets_it_into_output_or_the_
     error = await db.fetchval("SELECT error FROM ingest.runs")
     # The echo reached every place a message goes, redacted.
     assert "retrying" in stderr and "HTTP 500" in error and "***" in error
-    last = stderr.strip().splitlines()[-1]
-    assert last.startswith("ingest: error: endpoint items: ") and "HTTP 500: xxx" in last
+    last = final_error(stderr)
+    assert last.startswith("endpoint items: ") and "HTTP 500: xxx" in last
     for form in SECRET_FORMS:
         for where, content in (("stdout", stdout), ("stderr", stderr), ("ingest.*", stored)):
             assert form not in content, f"{form!r} in {where}"
