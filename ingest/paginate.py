@@ -79,6 +79,28 @@ def _reported(page: Page, getter: Callable[[Any], Any] | None, header: str | Non
     return None
 
 
+class Speculation:
+    """How many pages past the current one a walk without a known total may fetch ahead.
+
+    It starts at ``INITIAL`` and doubles with every full page (as large as the largest page so
+    far), up to ``LIMIT``; a short or empty page, the usual sign of the end, drops it to zero,
+    so a walk near its end stops guessing and at most the pages already in flight are wasted.
+    With a known total the paginator bounds the guesses by the total instead.
+    """
+
+    INITIAL = 2
+    LIMIT = 64
+
+    def __init__(self) -> None:
+        self.depth = self.INITIAL
+
+    def saw(self, records: int, largest: int) -> None:
+        if records and records >= largest:
+            self.depth = min(self.LIMIT, max(1, self.depth) * 2)
+        else:
+            self.depth = 0
+
+
 class _Counting:
     """Shared bookkeeping: records seen so far, for "total reached" checks across resumes."""
 
@@ -111,22 +133,27 @@ class PageNumberPaginator(_Counting):
         self._has_more = compile_path(config.has_more_path) if config.has_more_path else None
         # What the pages so far said about the end; only used to guess requests to prefetch.
         self._known_pages: int | None = None
-        self._largest_page = config.page_size or 0
+        # The largest page actually received, never the configured page_size: a server that caps
+        # pages at 1000 while page_size asks 5000 would otherwise put page 4 past a 20,000 total.
+        self._largest_page = 0
+        self.speculation = Speculation()
 
     def predict(self, request: PageRequest, steps: int) -> PageRequest | None:
-        """Page ``current + steps``, unless a total seen so far puts it past the end."""
+        """Page ``current + steps``, unless what the pages so far said puts it past the end."""
         current = lenient_int(request.param(self.config.page_param))
         target = (self.config.start_page if current is None else current) + steps
         index = target - self.config.start_page
-        if self._known_pages is not None and index >= self._known_pages:
-            return None
-        if (
-            self.reported_total is not None
-            and self._largest_page
-            and index * self._largest_page >= self.reported_total
-        ):
-            return None
-        return request.with_params(**{self.config.page_param: target})
+        if self._known_pages is not None:
+            return None if index >= self._known_pages else self._page(request, target)
+        if self.reported_total is not None and self._largest_page:
+            if index * self._largest_page >= self.reported_total:
+                return None
+            return self._page(request, target)
+        # No total: guess only as far as the run of full pages so far justifies.
+        return self._page(request, target) if steps <= self.speculation.depth else None
+
+    def _page(self, request: PageRequest, number: int) -> PageRequest:
+        return request.with_params(**{self.config.page_param: number})
 
     def first_request(self, base: PageRequest) -> PageRequest:
         params: dict[str, Any] = {self.config.page_param: self.config.start_page}
@@ -137,6 +164,7 @@ class PageNumberPaginator(_Counting):
     def next_request(self, page: Page) -> PageRequest | None:
         self.records_seen += len(page.records)
         self._largest_page = max(self._largest_page, len(page.records))
+        self.speculation.saw(len(page.records), self._largest_page)
         if not page.records and self.config.stop_on_empty:
             return None
         document = page.response.document
@@ -169,13 +197,22 @@ class OffsetPaginator(_Counting):
         # Only used to guess requests to prefetch: the end, and how far a page moves the offset
         # (the records a page actually held: a server may cap pages below ``limit``).
         self.reported_total: int | None = None
-        self._step = config.limit
+        # None until a page arrives: guessing from ``limit`` against a server that caps pages
+        # would fetch offsets that are never asked for.
+        self._step: int | None = None
+        self._largest_page = 0
+        self.speculation = Speculation()
 
     def predict(self, request: PageRequest, steps: int) -> PageRequest | None:
-        """Offset ``current + steps * step``, unless a total seen so far puts it past the end."""
+        """Offset ``current + steps * step``, unless what was seen so far puts it past the end."""
+        if self._step is None:
+            return None
         current = lenient_int(request.param(self.config.offset_param))
         target = (self.config.start_offset if current is None else current) + steps * self._step
-        if self.reported_total is not None and target >= self.reported_total:
+        if self.reported_total is not None:
+            if target >= self.reported_total:
+                return None
+        elif steps > self.speculation.depth:
             return None
         return request.with_params(**{self.config.offset_param: target})
 
@@ -190,6 +227,8 @@ class OffsetPaginator(_Counting):
     def next_request(self, page: Page) -> PageRequest | None:
         received = len(page.records)
         self.records_seen += received
+        self._largest_page = max(self._largest_page, received)
+        self.speculation.saw(received, self._largest_page)
         if not received:
             # An empty page ends an offset walk whatever stop_on_empty says: the offset would not
             # move, so asking again could only return the same empty page.

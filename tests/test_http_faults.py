@@ -96,7 +96,7 @@ async def test_retries_give_up_with_one_line_error_naming_the_endpoint(database:
             base,
             records_path="data",
             pagination={"style": "page_number", "total_path": "total"},
-            http={**FAST_RETRIES, "max_attempts": 3},
+            http={**FAST_RETRIES, "max_attempts": 3, "pages_ahead": 1},  # page 1's attempts only
         )
         with pytest.raises(Exception) as caught:
             await run(loaded, database)
@@ -114,7 +114,7 @@ async def test_retry_after_longer_than_the_budget_fails_fast(database: str) -> N
             base,
             records_path="data",
             pagination={"style": "page_number", "total_path": "total"},
-            http={**FAST_RETRIES, "max_retry_seconds": 2.0},
+            http={**FAST_RETRIES, "max_retry_seconds": 2.0, "pages_ahead": 1},
         )
         started = time.monotonic()
         with pytest.raises(Exception, match=r"gave up after 1 attempt in .*HTTP 429"):
