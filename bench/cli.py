@@ -257,6 +257,11 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--remote" in argv:  # its own options: python -m bench --remote --help
+        from bench.remote import main as remote  # noqa: PLC0415 - imports this module
+
+        return remote([arg for arg in argv if arg != "--remote"])
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     log = lambda message: print(f"[bench] {message}", flush=True)  # noqa: E731

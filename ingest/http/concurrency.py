@@ -19,8 +19,9 @@ Additive increase, multiplicative decrease, as TCP does for its congestion windo
   ``PROBE_MAX_SECONDS``), a probe that holds for two windows forgets the ceiling. Growing back
   after every window of successes, as plain AIMD does, cost a server that refuses any second
   concurrent request a ``Retry-After`` pause per window: 9.5x the serial walk. With probes spaced
-  10 s, 20 s, 40 s apart, a refused probe (typically a one-second pause) costs at most about a
-  tenth of the time, less and less as the run goes on.
+  20 s, 40 s, 80 s apart, a refused probe (typically a one-second pause) costs at most about a
+  twentieth of the time, less and less as the run goes on; a limit cut by a passing overload
+  still grows back freely to one below the ceiling.
 * **Latency rise, not latency tail.** A success counts as congestion when the *fastest* of the
   last ``RECENT_SAMPLES`` answers (sent under the current limit) is ``latency_spike_factor``
   times slower than the fastest answer of the last ``BASELINE_SAMPLES`` and at least
@@ -58,7 +59,7 @@ SPIKE_MIN_SECONDS = 0.25
 #: The limit a source starts at (slow start), unless ``max_concurrency`` is lower.
 INITIAL_LIMIT = 2
 #: Seconds after a congestion event before the first probe above the remembered ceiling.
-PROBE_INITIAL_SECONDS = 10.0
+PROBE_INITIAL_SECONDS = 20.0
 #: The longest spacing between probes (a probe refused again doubles the spacing).
 PROBE_MAX_SECONDS = 600.0
 
