@@ -1,7 +1,8 @@
 """dlt's ``rest_api`` source against the remote-mode server; run with the benchmark's dlt venv.
 
 Standalone on purpose (it imports neither ingest nor bench): ``bench/.venv-dlt/bin/python
-bench/dlt_remote.py BASE_URL DSN DATASET PIPELINES_DIR PROFILE STYLE [parallelized]``. dlt runs
+bench/dlt_remote.py BASE_URL DSN DATASET PIPELINES_DIR PROFILE STYLE PAGE_SIZE
+[parallelized]``. dlt runs
 with its defaults, configured the way its documentation shows for each pagination style; for the
 parent -> child pair, ``parallelized`` sets the child resource's ``parallelized: True``. Prints one
 JSON line with the records loaded (the child table's for the pair) and dlt's version.
@@ -92,8 +93,10 @@ def resources(profile: str, style: str, parallelized: bool) -> list[dict[str, An
 
 
 def main() -> None:
-    base_url, dsn, dataset, pipelines_dir, profile, style = sys.argv[1:7]
-    parallelized = sys.argv[7:8] == ["parallelized"]
+    base_url, dsn, dataset, pipelines_dir, profile, style, page_size = sys.argv[1:8]
+    parallelized = sys.argv[8:9] == ["parallelized"]
+    if "limit" in PAGINATORS.get(style, {}):
+        PAGINATORS[style]["limit"] = int(page_size)
     source = rest_api_source(
         {
             "client": {"base_url": base_url},

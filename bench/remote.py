@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import math
 import os
 import subprocess
 import sys
@@ -35,28 +34,23 @@ from typing import Any
 from bench.cli import BENCH, RESULTS, ROOT, compile_bytecode, database, ensure_dlt, sql
 from bench.measure import PostgresCpu, run_child
 from bench.remote_server import Settings
+from bench.remote_styles import (
+    NUMBERED,
+    STYLES,
+    expected_rows,
+    mean_latency,
+    pagination,
+    serial_requests,
+)
 from bench.server import _wait_listening, free_port
 from bench.target import COLUMNS, _toml
 from ingest.config import HttpSettings
 
-STYLES = ("page_total", "page", "offset_total", "offset", "cursor", "next_url", "link", "children")
 CONTENDERS = ("dlt", "default", "tuned")
 #: What "ingest tuned" sets (a user who read docs/performance.md).
 TUNED = {"max_concurrency": 16, "pages_ahead": 32}
 #: dlt runs ``parallelized`` resources in a pool of this many extract workers (its default).
 DLT_WORKERS = 5
-#: Numbered styles: the targets' "page_number/offset with or without a total".
-NUMBERED = ("page_total", "page", "offset_total", "offset")
-
-PAGINATION: dict[str, dict[str, Any]] = {
-    "page_total": {"style": "page_number", "page_param": "page", "total_path": "meta.total"},
-    "page": {"style": "page_number", "page_param": "page"},
-    "offset_total": {"style": "offset", "limit": 100, "total_path": "meta.total"},
-    "offset": {"style": "offset", "limit": 100},
-    "cursor": {"style": "cursor", "cursor_path": "next_cursor", "cursor_param": "cursor"},
-    "next_url": {"style": "next_url", "next_url_path": "next"},
-    "link": {"style": "link_header"},
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--dsn", help="PostgreSQL (default: DATABASE_URL, else embedded pgserver)")
     parser.add_argument("--label", default="")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the JSON goes")
     parser.add_argument("--keep-db", action="store_true")
     return parser.parse_args(argv)
 
@@ -137,27 +132,6 @@ def plan(styles: list[str], contenders: list[str], profiles: list[str]) -> list[
     return runs
 
 
-def serial_requests(style: str, settings: Settings) -> int:
-    """Requests a one-page-at-a-time walk needs (an empty page ends walks without a total)."""
-    if style == "children":
-        return 1 + settings.parents
-    pages = math.ceil(settings.records / settings.page_size)
-    full_last = settings.records % settings.page_size == 0
-    return pages + (1 if style in ("page", "offset") and full_last else 0)
-
-
-def expected_rows(style: str, settings: Settings) -> int:
-    if style == "children":
-        return min(settings.records, settings.parents * settings.page_size)
-    return settings.records
-
-
-def mean_latency(profile: str, settings: Settings) -> float:
-    if profile == "lognormal":
-        return settings.latency * 0.9 * math.exp(settings.sigma**2 / 2)
-    return settings.latency
-
-
 def concurrency_of(contender: str) -> int:
     if contender == "default":
         return HttpSettings().max_concurrency
@@ -166,7 +140,9 @@ def concurrency_of(contender: str) -> int:
     return DLT_WORKERS if contender == "dlt parallelized" else 1
 
 
-def ingest_config(base_url: str, run: Run, table: str, http: dict[str, Any]) -> str:
+def ingest_config(
+    base_url: str, run: Run, table: str, http: dict[str, Any], page_size: int = 100
+) -> str:
     """The contender's config: one endpoint (two for the parent -> child pair)."""
     lines = ["[source]", 'name = "remote"', f"base_url = {_toml(base_url)}", "[http]"]
     lines += [f"{key} = {_toml(value)}" for key, value in http.items()]
@@ -202,7 +178,7 @@ def ingest_config(base_url: str, run: Run, table: str, http: dict[str, Any]) -> 
             'name = "items"',
             f'path = "/{run.profile}/{run.style}"',
             'records_path = "data"',
-            f"pagination = {_toml(PAGINATION[run.style])}",
+            f"pagination = {_toml(pagination(run.style, page_size))}",
             "[endpoints.table]",
             f"name = {_toml(table)}",
             'mode = "append"',
@@ -247,6 +223,7 @@ def _command(  # noqa: PLR0917 - one call site, all inputs of a run
     scratch: str,
     table: str,
     dlt_python: Path | None,
+    page_size: int,
 ) -> list[str] | None:
     if run.contender.startswith("dlt"):
         if dlt_python is None:
@@ -262,11 +239,12 @@ def _command(  # noqa: PLR0917 - one call site, all inputs of a run
             scratch,
             run.profile,
             run.style,
+            str(page_size),
             *extra,
         ]
     http = dict(TUNED) if run.contender == "tuned" else {}
     config = Path(scratch) / f"{table}.toml"
-    config.write_text(ingest_config(base_url, run, table, http))
+    config.write_text(ingest_config(base_url, run, table, http, page_size))
     return [
         sys.executable,
         "-m",
@@ -296,7 +274,7 @@ def measure(  # noqa: PLR0917 - one call site, all inputs of a run
     slug = "".join(
         ch if ch.isalnum() else "_" for ch in f"r_{run.profile}_{run.style}_{run.contender}"
     )
-    command = _command(run, base_url, dsn, scratch, slug, dlt_python)
+    command = _command(run, base_url, dsn, scratch, slug, dlt_python, settings.page_size)
     if command is None:
         return None
     _call(base_url, "/_reset", "POST")
@@ -418,9 +396,12 @@ def targets(results: list[Result], settings: Settings) -> list[tuple[str, bool]]
     return verdicts
 
 
+def log(message: str) -> None:
+    print(f"[bench --remote] {message}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    log = lambda message: print(f"[bench --remote] {message}", flush=True)  # noqa: E731
     settings = Settings(
         records=args.records,
         page_size=args.page_size,
@@ -459,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     verdicts = targets(results, settings)
     for text, ok in verdicts:
         print(f"{'PASS' if ok else 'FAIL'}  {text}")
-    RESULTS.mkdir(exist_ok=True)
+    results_dir: Path = args.results_dir
+    results_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     report = {
         "meta": {
@@ -476,8 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         "results": [{**asdict(r), "exact": r.exact} for r in results],
         "targets": [{"target": text, "pass": ok} for text, ok in verdicts],
     }
-    path = RESULTS / f"remote-{stamp}.json"
+    path = results_dir / f"remote-{stamp}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "remote-latest.json").write_text(json.dumps(report, indent=2) + "\n")
+    (results_dir / "remote-latest.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"results written to {path}")
     return 0
