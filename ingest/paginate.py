@@ -82,13 +82,14 @@ def _reported(page: Page, getter: Callable[[Any], Any] | None, header: str | Non
 class Speculation:
     """How many pages past the current one a walk without a known total may fetch ahead.
 
-    It starts at ``INITIAL`` and doubles with every full page (as large as the largest page so
-    far), up to ``LIMIT``; a short or empty page, the usual sign of the end, drops it to zero,
-    so a walk near its end stops guessing and at most the pages already in flight are wasted.
-    With a known total the paginator bounds the guesses by the total instead.
+    It starts at ``INITIAL`` (the second page, which a walk without a total asks for anyway)
+    and doubles with every full page (as large as the largest page so far), up to ``LIMIT``; a
+    short or empty page, the usual sign of the end, drops it to zero, so a walk near its end
+    stops guessing and at most the pages already in flight are wasted. With a known total the
+    paginator bounds the guesses by the total instead.
     """
 
-    INITIAL = 2
+    INITIAL = 1
     LIMIT = 64
 
     def __init__(self) -> None:
@@ -136,6 +137,8 @@ class PageNumberPaginator(_Counting):
         # The largest page actually received, never the configured page_size: a server that caps
         # pages at 1000 while page_size asks 5000 would otherwise put page 4 past a 20,000 total.
         self._largest_page = 0
+        totals = (config.total_path, config.total_header, config.total_pages_path)
+        self._expects_total = any(totals) or bool(config.total_pages_header)
         self.speculation = Speculation()
 
     def predict(self, request: PageRequest, steps: int) -> PageRequest | None:
@@ -149,6 +152,8 @@ class PageNumberPaginator(_Counting):
             if index * self._largest_page >= self.reported_total:
                 return None
             return self._page(request, target)
+        if self._expects_total and not self._largest_page:
+            return None  # the first page says how far to go: nothing past a small endpoint's end
         # No total: guess only as far as the run of full pages so far justifies.
         return self._page(request, target) if steps <= self.speculation.depth else None
 

@@ -165,13 +165,19 @@ def events_config(
     consumers: int = 2,
     source: str = "shop",
     writer_processes: int = 0,
+    pages_ahead: int | None = None,
 ) -> str:
-    """A source with one ``/events`` endpoint (``changes_app``) into table ``events``."""
+    """A source with one ``/events`` endpoint (``changes_app``) into table ``events``.
+
+    ``pages_ahead``: set ``http.pages_ahead`` (default: ingest's own default).
+    """
     key = 'primary_key = ["id"]' if mode == "merge" else ""
+    http = "" if pages_ahead is None else f"[http]\npages_ahead = {pages_ahead}"
     return f"""
 [source]
 name = "{source}"
 base_url = "{base_url}"
+{http}
 [pipeline]
 batch_size = {batch_size}
 consumers = {consumers}

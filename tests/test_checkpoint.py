@@ -87,6 +87,7 @@ async def test_slow_source_is_committed_by_time_not_only_by_count(
             base,
             pagination={"style": "page_number"},
             pipeline={"batch_size": 100_000, "batch_seconds": 0.3, "consumers": 1},
+            http={"pages_ahead": 1},  # one slow page at a time: the walk takes ~1 s
         )
         result = await run(loaded, database)
     stats = result.endpoints["items"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from contextlib import AsyncExitStack
 from email.utils import formatdate
 from typing import Any
 
@@ -145,9 +146,10 @@ async def test_remaining_zero_pauses_until_the_reset_and_reset_header_name_is_co
 async def test_aimd_halves_once_per_congestion_event_and_grows_one_per_window() -> None:
     limiter = AdaptiveConcurrency(minimum=2, maximum=8, latency_spike_factor=4.0, initial=8)
     assert limiter.limit == 8
-    async with limiter.slot() as first, limiter.slot() as second:
-        limiter.overloaded(first, "HTTP 429")
-        limiter.overloaded(second, "HTTP 429")  # sent under the old limit: same event
+    async with AsyncExitStack() as stack:
+        tickets = [await stack.enter_async_context(limiter.slot()) for _ in range(8)]
+        limiter.overloaded(tickets[-1], "HTTP 429")
+        limiter.overloaded(tickets[-2], "HTTP 429")  # sent under the old limit: same event
     assert limiter.limit == 4
     for _ in range(4):
         async with limiter.slot() as ticket:

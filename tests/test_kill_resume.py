@@ -84,6 +84,9 @@ async def test_sigkill_at_random_moments_then_resume_loses_and_duplicates_nothin
                 batch_size=20,
                 incremental=INCREMENTAL,
                 writer_processes=writers,
+                # Paced for a page at a time: kills at random moments land inside the walk.
+                # (A prefetching run stopped and resumed: test_http_prefetch.)
+                pages_ahead=1,
             )
         )
         while len(progress) < KILLS:

@@ -43,14 +43,21 @@ def test_without_a_total_speculation_grows_with_full_pages_and_stops_at_a_short_
     def ahead(request: PageRequest) -> int:
         return sum(paginator.predict(request, steps) is not None for steps in range(1, 65))
 
-    assert ahead(first) == 2  # nothing seen yet: a little
-    for number, depth in ((1, 4), (2, 8), (3, 16), (4, 32)):
+    assert ahead(first) == 1  # nothing seen yet: page 2, which the walk needs anyway
+    for number, depth in ((1, 2), (2, 4), (3, 8), (4, 16)):
         following = _page(paginator, number, 100)
         assert following is not None
         assert ahead(following) == depth
     following = _page(paginator, 5, 37)  # short: the end is near
     assert following is not None
     assert ahead(following) == 0
+
+
+async def test_with_a_total_expected_nothing_is_guessed_before_the_first_page() -> None:
+    config = PageNumberPagination(style="page_number", total_path="meta.total")
+    paginator = PageNumberPaginator(config)
+    first = PageRequest("http://127.0.0.1:1/items").with_params(page=1)
+    assert paginator.predict(first, 1) is None  # a one-page endpoint costs one request
 
 
 async def test_page_size_guess_comes_from_pages_received_not_the_configured_size(

@@ -335,7 +335,7 @@ class HttpClient:
                 if wait is None and status in OVERLOAD_STATUSES:
                     wait = parse_reset(headers.get(self.settings.rate_limit_reset_header.lower()))
                 if status in OVERLOAD_STATUSES:
-                    self.concurrency.overloaded(ticket, f"HTTP {status}")
+                    self.concurrency.overloaded(ticket, f"HTTP {status}", wait or 0.0)
                     if wait:
                         self.limiter.pause(wait, reason=f"HTTP {status}")
                 raise RetryableError(

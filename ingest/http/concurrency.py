@@ -60,18 +60,22 @@ SPIKE_MIN_SECONDS = 0.25
 INITIAL_LIMIT = 2
 #: Seconds after a congestion event before the first probe above the remembered ceiling.
 PROBE_INITIAL_SECONDS = 20.0
+#: Probes are at least this many times the server's last ``Retry-After`` apart: a refused
+#: probe then costs at most about 1/20 of the time.
+PROBE_PAUSE_MULTIPLE = 20.0
 #: The longest spacing between probes (a probe refused again doubles the spacing).
 PROBE_MAX_SECONDS = 600.0
 
 
 @dataclass(slots=True)
 class Ticket:
-    """One admitted request: when it started, under which limit generation and which limit."""
+    """One admitted request: when it started, under which limit generation, with how many."""
 
     started: float
     generation: int
-    #: The limit it was admitted under: where a refusal of it says the server's limit is.
-    limit: int = 0
+    #: Requests in flight when it was admitted, itself included: where a refusal of it says
+    #: the server's limit is (the limit may be higher than what was actually in flight).
+    in_flight: int = 0
 
 
 class AdaptiveConcurrency:
@@ -138,7 +142,7 @@ class AdaptiveConcurrency:
         self._in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
         try:
-            yield Ticket(self.clock(), self._generation, self.limit)
+            yield Ticket(self.clock(), self._generation, self._in_flight)
         finally:
             self._in_flight -= 1
             self._wake()
@@ -196,25 +200,39 @@ class AdaptiveConcurrency:
             self._slow_start = False
         self._set(window, "success")
 
-    def overloaded(self, ticket: Ticket, reason: str) -> None:
-        """The server pushed back (429, 503, a timeout): shrink once per congestion event."""
+    def overloaded(self, ticket: Ticket, reason: str, pause: float = 0.0) -> None:
+        """The server pushed back (429, 503, a timeout): shrink once per congestion event.
+
+        ``pause``: the seconds the server asked everyone to wait (``Retry-After``). A refused
+        probe costs about that much, so probes are spaced at least ``PROBE_PAUSE_MULTIPLE``
+        times that far apart.
+        """
         if self.adaptive:
+            if pause > 0 and ticket.generation == self._generation:
+                floor = min(PROBE_MAX_SECONDS, PROBE_PAUSE_MULTIPLE * pause)
+                self._probe_interval = max(self._probe_interval, floor)
             self._decrease(ticket, reason)
 
     def _decrease(self, ticket: Ticket, reason: str) -> None:
         if ticket.generation != self._generation:
-            return  # sent under a limit that has been cut already
+            # Sent under a limit that has been cut already: the same congestion event, which
+            # cuts once; but it may show the server's limit lower than the first refusal did.
+            if ticket.generation == self._generation - 1 and self.ceiling and ticket.in_flight:
+                self.ceiling = max(min(self.ceiling, ticket.in_flight), self.limit + 1)
+            return
         self._generation += 1
-        limit = ticket.limit or self.limit
-        if self.ceiling is not None and limit >= self.ceiling:
+        refused_at = ticket.in_flight or self.limit
+        if self.ceiling is not None and refused_at >= self.ceiling:
             # A probe at (or above) the remembered ceiling was refused: probe half as often.
             self._probe_interval = min(PROBE_MAX_SECONDS, self._probe_interval * 2)
-        self.ceiling = limit
         self._probe_at = self.clock() + self._probe_interval
         self._probe_successes = 0
         self._slow_start = False
         self._recent.clear()
         self._set(max(float(self.minimum), self._window * self.decrease_factor), reason)
+        # Where it was refused, but never at or below the cut limit: the cut itself says that
+        # much is fine (a request admitted alone can be refused by a rate limit, not concurrency).
+        self.ceiling = max(refused_at, self.limit + 1)
 
     def _set(self, window: float, reason: str) -> None:
         before = self.limit
