@@ -83,10 +83,11 @@ class Speculation:
     """How many pages past the current one a walk without a known total may fetch ahead.
 
     It starts at ``INITIAL`` (the second page, which a walk without a total asks for anyway)
-    and doubles with every full page (as large as the largest page so far), up to ``LIMIT``; a
-    short or empty page, the usual sign of the end, drops it to zero, so a walk near its end
-    stops guessing and at most the pages already in flight are wasted. With a known total the
-    paginator bounds the guesses by the total instead.
+    and grows by one with every full page (as large as the largest page so far), up to
+    ``LIMIT``: as the full pages of one round trip arrive, the guesses double per round trip,
+    as TCP's slow start does, while a short walk wastes at most as many guesses as it had
+    pages. A short or empty page, the usual sign of the end, drops it to zero, so a walk near
+    its end stops guessing. With a known total the paginator bounds the guesses by the total.
     """
 
     INITIAL = 1
@@ -97,7 +98,7 @@ class Speculation:
 
     def saw(self, records: int, largest: int) -> None:
         if records and records >= largest:
-            self.depth = min(self.LIMIT, max(1, self.depth) * 2)
+            self.depth = min(self.LIMIT, max(1, self.depth) + 1)
         else:
             self.depth = 0
 

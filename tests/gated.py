@@ -64,7 +64,8 @@ def gated_config(**overrides: Any) -> dict[str, Any]:
     options: dict[str, Any] = {
         "records_path": "data",
         "pagination": {"style": "page_number", "total_path": "total"},
-        "http": {"backoff_initial": 0.01, "backoff_max": 0.05},
+        # One page at a time: the gate holds the walk at one page, and counts are exact.
+        "http": {"backoff_initial": 0.01, "backoff_max": 0.05, "pages_ahead": 1},
         "pipeline": {"batch_size": 10, "batch_seconds": 0.2, "consumers": 1},
     }
     options.update(overrides)

@@ -89,12 +89,13 @@ class OAuthServer:
         return json_response({"data": items, "total": len(self.records)})
 
 
-def _oauth_config(base: str, **auth: Any) -> str:
+def _oauth_config(base: str, pages_ahead: int = 1, **auth: Any) -> str:
+    """``pages_ahead = 1`` by default: the exact 401 counts below are a serial walk's."""
     text = config_text(
         base,
         records_path="data",
         pagination={"style": "page_number", "total_path": "total"},
-        http={"backoff_initial": 0.01, "backoff_max": 0.02},
+        http={"backoff_initial": 0.01, "backoff_max": 0.02, "pages_ahead": pages_ahead},
     )
     settings = {
         "style": "oauth2_client_credentials",
@@ -132,6 +133,23 @@ async def test_oauth2_token_is_cached_and_refreshed_once_on_a_401_mid_run(
     assert "unauthorized_refreshing_token" in text
     assert text.count("oauth2_token_fetched") == 2
     _assert_no_secrets(text + await database_text(db), [CLIENT_SECRET, *server.issued])
+
+
+async def test_401s_of_pages_fetched_ahead_share_one_token_refresh(
+    database: str, db: asyncpg.Connection
+) -> None:
+    """Several pages in flight when the token is revoked: each gets a 401, one new token."""
+    server = OAuthServer(make_records(95), revoke_after=4)
+    async with serve(server.app) as base:
+        loaded = parse_config(
+            _oauth_config(base, pages_ahead=8),
+            Path("oauth.toml"),
+            {"TEST_CLIENT_SECRET": CLIENT_SECRET},
+        )
+        await run(loaded, database)
+    assert await ids(db) == list(range(1, 96))
+    assert len(server.issued) == 2
+    assert server.unauthorized >= 1
 
 
 async def test_second_401_after_a_token_refresh_fails_with_one_clean_line(

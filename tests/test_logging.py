@@ -43,7 +43,8 @@ async def test_json_logs_carry_run_context_and_no_secret(
             config_text(
                 base,
                 source={"headers": {"Authorization": "Bearer ${TOKEN}"}},
-                http={"backoff_initial": 0.01, "backoff_max": 0.05},
+                # One page at a time: each page fails once, and no page past the end is asked.
+                http={"backoff_initial": 0.01, "backoff_max": 0.05, "pages_ahead": 1},
                 pagination={"style": "page_number"},
             )
         )

@@ -74,7 +74,9 @@ async def test_page_number_without_total_ends_on_empty_404_or_repeated_page(
         result = await run(loaded, database)
     assert result.endpoints["items"].records == 30
     assert await ids(db) == list(range(1, 31))
-    assert len(app[REQUESTS]) == 4
+    # Pages 1-3 and the page that ends the walk; fetched ahead by default, one guess deeper per
+    # full page, so up to pages 5-8 were guessed too (and discarded).
+    assert 4 <= len(app[REQUESTS]) <= 8
 
 
 async def test_first_page_404_is_an_error_not_an_empty_source(database: str) -> None:

@@ -34,7 +34,8 @@ async def test_overlapping_run_of_the_same_source_exits_locked(
     records = timed_records(200, every=dt.timedelta(minutes=1))
     async with serve(changes_app(records, latency=0.1)) as base:
         config = tmp_path / "shop.toml"
-        config.write_text(events_config(base, per_page=10))
+        # One page at a time (2 s in all): the first run is still going when the second starts.
+        config.write_text(events_config(base, per_page=10, pages_ahead=1))
         first = await spawn(["run", str(config)], cli_env, tmp_path, "first")
         await wait_until(lambda: committed_positive(db), what="first run committing")
         code, output = await run_cli(["run", str(config)], cli_env, tmp_path, "second", 30)
