@@ -151,9 +151,9 @@ async def test_aimd_halves_once_per_congestion_event_and_grows_one_per_window() 
         limiter.overloaded(tickets[-1], "HTTP 429")
         limiter.overloaded(tickets[-2], "HTTP 429")  # sent under the old limit: same event
     assert limiter.limit == 4
-    for _ in range(4):
-        async with limiter.slot() as ticket:
-            ticket.started -= 0.01
+    async with AsyncExitStack() as stack:  # a full window of 4 requests, all answered
+        window = [await stack.enter_async_context(limiter.slot()) for _ in range(4)]
+    for ticket in window:
         limiter.success(ticket)
     assert limiter.limit == 5  # +1 after a window of 4 successes
     async with limiter.slot() as ticket:

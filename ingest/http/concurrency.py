@@ -2,8 +2,10 @@
 
 Additive increase, multiplicative decrease, as TCP does for its congestion window:
 
-* **Slow start.** A source starts at two requests in flight and adds one per success (the limit
-  doubles every round trip) up to ``max_concurrency``, until the first congestion event. Starting
+* **Slow start.** A source starts at two requests in flight and the limit doubles every round
+  trip up to ``max_concurrency``, until the first congestion event. Only successes of requests
+  sent while the limit was in use (more than half of it in flight) grow it, as TCP grows its
+  window only when the window is what limits it. Starting
   at the maximum would send a burst of ``max_concurrency`` requests to a server that may refuse
   all but one of them, and every refusal costs the whole source its ``Retry-After`` pause.
 * **Congestion avoidance.** After that event, every success adds ``1 / limit`` (one whole slot
@@ -76,6 +78,8 @@ class Ticket:
     #: Requests in flight when it was admitted, itself included: where a refusal of it says
     #: the server's limit is (the limit may be higher than what was actually in flight).
     in_flight: int = 0
+    #: The limit then: a success grows the limit only if the limit was in use (see ``success``).
+    limit: int = 0
 
 
 class AdaptiveConcurrency:
@@ -142,7 +146,7 @@ class AdaptiveConcurrency:
         self._in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
         try:
-            yield Ticket(self.clock(), self._generation, self._in_flight)
+            yield Ticket(self.clock(), self._generation, self._in_flight, self.limit)
         finally:
             self._in_flight -= 1
             self._wake()
@@ -176,11 +180,16 @@ class AdaptiveConcurrency:
                     f"{self.latency_spike_factor}x baseline {baseline:.3f}s",
                 )
                 return
-        self._grow()
+        if 2 * ticket.in_flight > ticket.limit:
+            # Grown only while the limit is in use (more than half of it in flight), as TCP
+            # grows its window only when the window limits it: a walk that asked for one page
+            # (waiting for a total) must not leave with a limit its successes never tested.
+            # About half of a full window's answers count, so each counts twice.
+            self._grow(2)
 
-    def _grow(self) -> None:
+    def _grow(self, weight: int) -> None:
         step = 1.0 if self._slow_start else 1.0 / max(1, self.limit)
-        window = self._window + step
+        window = self._window + weight * step
         if self.ceiling is not None and math.floor(window) >= self.ceiling:
             if self.clock() < self._probe_at:
                 # Stay below where the server pushed back until the next probe is due.
