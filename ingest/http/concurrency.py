@@ -21,9 +21,10 @@ Additive increase, multiplicative decrease, as TCP does for its congestion windo
   ``PROBE_MAX_SECONDS``), a probe that holds for two windows forgets the ceiling. Growing back
   after every window of successes, as plain AIMD does, cost a server that refuses any second
   concurrent request a ``Retry-After`` pause per window: 9.5x the serial walk. With probes spaced
-  20 s, 40 s, 80 s apart, a refused probe (typically a one-second pause) costs at most about a
-  twentieth of the time, less and less as the run goes on; a limit cut by a passing overload
-  still grows back freely to one below the ceiling.
+  at least 20 s and 30x the server's ``Retry-After`` apart, then twice, four times as far, a
+  refused probe (typically a one-second pause) costs at most ~3 % of the time, less and less as
+  the run goes on; a limit cut by a passing overload still grows back freely to one below the
+  ceiling.
 * **Latency rise, not latency tail.** A success counts as congestion when the *fastest* of the
   last ``RECENT_SAMPLES`` answers (sent under the current limit) is ``latency_spike_factor``
   times slower than the fastest answer of the last ``BASELINE_SAMPLES`` and at least
@@ -63,8 +64,8 @@ INITIAL_LIMIT = 2
 #: Seconds after a congestion event before the first probe above the remembered ceiling.
 PROBE_INITIAL_SECONDS = 20.0
 #: Probes are at least this many times the server's last ``Retry-After`` apart: a refused
-#: probe then costs at most about 1/20 of the time.
-PROBE_PAUSE_MULTIPLE = 20.0
+#: probe then costs at most about 1/30 of the time.
+PROBE_PAUSE_MULTIPLE = 30.0
 #: The longest spacing between probes (a probe refused again doubles the spacing).
 PROBE_MAX_SECONDS = 600.0
 
