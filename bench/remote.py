@@ -368,7 +368,7 @@ def targets(results: list[Result], settings: Settings) -> list[tuple[str, bool]]
         refused = mine.refused / max(1, mine.requests)
         verdicts.append(
             (
-                f"rate/page_total: {share:.0%} of {settings.rate:g} req/s (>= 90 %), "
+                f"rate/page_total: {share:.1%} of {settings.rate:g} req/s (>= 90 %), "
                 f"429s {refused:.1%} of requests (<= 5 %), rows exact: {mine.exact}",
                 share >= 0.9 and refused <= 0.05 and mine.exact,
             )
