@@ -27,7 +27,14 @@ import structlog
 from ingest import leases
 from ingest.config import Endpoint, LoadedConfig
 from ingest.db import Connection
-from ingest.errors import ConfigError, IngestError, InterruptedRun, LeaseLostError, one_line
+from ingest.errors import (
+    ConfigError,
+    ExitCode,
+    IngestError,
+    InterruptedRun,
+    LeaseLostError,
+    one_line,
+)
 from ingest.events import NullObserver, RunObserver
 from ingest.leases import PartitionRow
 from ingest.pipeline import Pipeline, first_error
@@ -68,6 +75,8 @@ class WorkerResult:
     interrupted: int = 0
     records: int = 0
     errors: list[str] = field(default_factory=list)
+    #: The exit code each failed partition's error carries (a scheduler maps them to retries).
+    exit_codes: list[int] = field(default_factory=list)
 
 
 def worker_id() -> str:
@@ -208,6 +217,8 @@ class Worker:
         message = one_line(error)
         self.result.failed += 1
         self.result.errors.append(f"{row.endpoint} {row.key}: {message}")
+        code = error.exit_code if isinstance(error, IngestError) else ExitCode.FAILED
+        self.result.exit_codes.append(int(code))
         log.error("partition_failed", endpoint=row.endpoint, partition=row.key, error=message)
         await self._release(row, message)
 
