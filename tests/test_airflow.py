@@ -25,6 +25,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp import web
 
 from ingest.state import lock_key
 from tests.processes import wait_until
@@ -163,23 +164,42 @@ def expected(records: list[dict[str, Any]], until: dt.datetime) -> list[tuple[An
     ]
 
 
-async def test_source_dag_loads_the_source_and_maps_locked_and_config_errors(
+def fail_first_request_at(page: str) -> Any:
+    """A middleware answering the first request for ``page`` with a 400 (ingest: exit 1)."""
+    failed: list[str] = []
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> Any:
+        if request.query.get("page") == page and not failed:
+            failed.append(page)
+            return web.Response(status=400, text="not today")
+        return await handler(request)
+
+    return middleware
+
+
+async def test_source_dag_retries_a_failed_run_and_maps_locked_and_config_errors(
     airflow: Airflow, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
     records = timed_records(45, every=dt.timedelta(hours=1))
-    async with serve(changes_app(records)) as base:
+    app = changes_app(records)
+    app.middlewares.append(fail_first_request_at("3"))
+    async with serve(app) as base:
         config = tmp_path / "shop.toml"
         config.write_text(events_config(base, mode="append", per_page=10))
         airflow.env["INGEST_EXAMPLE_CONFIG"] = str(config)
 
+        # Try 1 fails on the third page (exit 1: retry); try 2 resumes from its checkpoint.
         code, output = await airflow.run("dags", "test", "ingest_shop_hourly", name="ok")
         assert code == 0, output
         assert await table(db) == expected(records, EPOCH + dt.timedelta(days=30))
-        assert airflow.tasks("ingest_shop_hourly") == [("ingest_run", -1, "success", 1)]
-        [summary] = airflow.summaries("ingest_shop_hourly", "ingest_run")
-        assert summary["records"] == 45 and summary["exit_code"] == 0, summary
-        assert summary["endpoints"]["events"]["pages"] == 5
+        assert airflow.tasks("ingest_shop_hourly") == [("ingest_run", -1, "success", 2)], output
+        assert "ingest: exit 1 (retry)" in output and "HTTP 400" in output
         assert "ingest: exit 0 (success)" in output
+        # XCom keeps the last try's summary.
+        [summary] = airflow.summaries("ingest_shop_hourly", "ingest_run")
+        assert summary["exit_code"] == 0 and summary["outcome"] == "success", summary
+        assert summary["endpoints"]["events"]["records"] == summary["records"] > 0
 
         # Another run holds the source's lock: exit 3 is a skip, not a failure.
         holder = await asyncpg.connect(airflow.env["DATABASE_URL"])
