@@ -3,14 +3,10 @@
 ingest runs inside the Airflow task (no subprocess, no CLI text to parse) and its exit codes
 become Airflow outcomes (:func:`outcome`):
 
-====================================  =========================================================
-ingest                                Airflow
-====================================  =========================================================
-0 ok                                  success; the summary is the task's XCom ``return_value``
-3 locked (another run holds it)       skipped (``AirflowSkipException``)
-1 failed, 4 interrupted               failed; Airflow's ``retries`` apply (``AirflowException``)
-2 config, 5 dead letters              failed at once, no retry (``AirflowFailException``)
-====================================  =========================================================
+* 0 ok: success; the summary is the task's XCom ``return_value``;
+* 3 locked (another run of the source holds its lock): skipped (``AirflowSkipException``);
+* 1 failed, 4 interrupted: failed, and Airflow's ``retries`` apply (``AirflowException``);
+* 2 config, 5 dead letters, 6 unhealthy: failed at once, no retry (``AirflowFailException``).
 
 Every outcome logs a one-line summary to the task log and pushes the summary (counts, run id,
 error) to XCom under ``ingest_summary``.
@@ -50,6 +46,8 @@ _OUTCOMES: dict[int, Outcome] = {
     ExitCode.INTERRUPTED: "retry",
     ExitCode.CONFIG: "fail",
     ExitCode.DEAD_LETTERS: "fail",
+    # Only `ingest status` checks return it; a task that runs one wants an alert, not a retry.
+    ExitCode.UNHEALTHY: "fail",
 }
 
 #: Where the summary goes in XCom whatever the outcome (the return value only on success).

@@ -33,8 +33,9 @@ def test_exit_codes_map_to_airflow_outcomes() -> None:
         "skipped",  # 3 locked
         "retry",  # 4 interrupted
         "fail",  # 5 dead letters
+        "fail",  # 6 unhealthy (ingest status checks)
     ]
-    assert outcome(6) == "retry"  # a code this version does not know: Airflow's retries bound it
+    assert outcome(7) == "retry"  # a code this version does not know: Airflow's retries bound it
     assert outcome(1, {"final": True}) == "fail"  # a partition out of attempts
     assert outcome(0, {"final": True}) == "success"
 
