@@ -9,6 +9,7 @@ systemd recipe's ``EnvironmentFile=`` reads too.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shutil
 import subprocess
@@ -134,3 +135,24 @@ async def test_sourcing_the_env_file_without_set_a_exports_nothing(
     log = (tmp_path / "var" / "log" / "ingest" / "crm.log").read_text()
     assert completed.returncode == 2, log
     assert "environment variable CRM_URL is not set" in log
+
+
+def test_the_kubernetes_recipes_command_lines_parse() -> None:
+    """Every ``args: [...]`` of the docs' Kubernetes manifests is a valid ingest command line
+    (the image's entry point is ``ingest``); no cluster runs them here."""
+    from ingest.cli import build_parser  # noqa: PLC0415
+
+    text = (ROOT / "docs" / "operations.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.DOTALL)
+    command_lines = [
+        json.loads(f"[{args}]")
+        for block in blocks
+        for args in re.findall(r"\bargs: \[(.*?)\]", block, re.DOTALL)
+    ]
+    commands = [args[0] for args in command_lines]
+    assert commands == ["run", "backfill", "worker"], commands
+    for args in command_lines:
+        build_parser().parse_args(args)  # argparse exits on an unknown flag
+    worker = command_lines[-1]
+    assert "--drain" in worker
+    assert "--plan-only" in command_lines[1]
