@@ -5,7 +5,7 @@ become Airflow outcomes (:func:`outcome`):
 
 * 0 ok: success; the summary is the task's XCom ``return_value``;
 * 3 locked (another run of the source holds its lock): skipped (``AirflowSkipException``);
-* 1 failed, 4 interrupted: failed, and Airflow's ``retries`` apply (``AirflowException``);
+* 1 failed, 4 interrupted: failed, and Airflow's ``retries`` apply (:class:`IngestTaskFailed`);
 * 2 config, 5 dead letters, 6 unhealthy: failed at once, no retry (``AirflowFailException``).
 
 Every outcome logs a one-line summary to the task log and pushes the summary (counts, run id,
@@ -56,6 +56,11 @@ SUMMARY_KEY = "ingest_summary"
 log = logging.getLogger("airflow.task")
 
 
+class IngestTaskFailed(Exception):
+    """A run that may succeed when retried: any exception other than Airflow's skip and fail
+    ones fails the task with its ``retries`` applying."""
+
+
 def outcome(code: int, summary: Summary | None = None) -> Outcome:
     """The Airflow outcome of an ingest exit code; an unknown code may be retried."""
     if summary is not None and summary.get("final") and code != ExitCode.OK:
@@ -66,29 +71,21 @@ def outcome(code: int, summary: Summary | None = None) -> Outcome:
 def _settings(dsn: str | None, conn_id: str | None, log_level: str) -> TaskSettings:
     """The DSN: given, or an Airflow connection's URI, or ingest's own (DATABASE_URL, PG*)."""
     if conn_id is not None:
-        try:
-            from airflow.sdk import BaseHook  # noqa: PLC0415
-        except ImportError:  # Airflow 2
-            from airflow.hooks.base import BaseHook  # noqa: PLC0415
+        from airflow.sdk import BaseHook  # noqa: PLC0415
+
         dsn = BaseHook.get_connection(conn_id).get_uri()
     return TaskSettings(dsn=dsn, log_level=log_level)
 
 
 def _context() -> Any:
-    try:
-        from airflow.sdk import get_current_context  # noqa: PLC0415
-    except ImportError:  # Airflow 2
-        from airflow.operators.python import get_current_context  # noqa: PLC0415
+    from airflow.sdk import get_current_context  # noqa: PLC0415
+
     return get_current_context()
 
 
 def finish(code: int, summary: Summary) -> Summary:
     """Log and push ``summary``, then end the task as :func:`outcome` says (or return it)."""
-    from airflow.exceptions import (  # noqa: PLC0415
-        AirflowException,
-        AirflowFailException,
-        AirflowSkipException,
-    )
+    from airflow.exceptions import AirflowFailException, AirflowSkipException  # noqa: PLC0415
 
     result = outcome(code, summary)
     summary["outcome"] = result
@@ -109,7 +106,7 @@ def finish(code: int, summary: Summary) -> Summary:
         raise AirflowSkipException(message)
     if result == "fail":
         raise AirflowFailException(message)
-    raise AirflowException(message)
+    raise IngestTaskFailed(message)
 
 
 def run_source(
@@ -150,13 +147,12 @@ def source_task(
     """
     from airflow.sdk import task  # noqa: PLC0415
 
-    @task(task_id=task_id, **task_kwargs)  # type: ignore[untyped-decorator]
     def ingest_run() -> Summary:
         return run_source(
             config, endpoints, dsn=dsn, conn_id=conn_id, max_dead_letters=max_dead_letters
         )
 
-    return ingest_run()
+    return task(task_id=task_id, **task_kwargs)(ingest_run)()
 
 
 def source_dag(
@@ -236,7 +232,6 @@ def backfill_dag(
 
     with DAG(dag_id, schedule=None, params=params, **dag_kwargs) as dag:
 
-        @task(task_id="plan", retries=retries, retry_delay=retry_delay)  # type: ignore[untyped-decorator]
         def plan() -> list[str]:
             given = _context()["params"]
             code, summary = plan_backfill_task(
@@ -250,13 +245,6 @@ def backfill_dag(
             keys: list[str] = finish(code, summary)["keys"]
             return keys
 
-        @task(  # type: ignore[untyped-decorator]
-            task_id="partition",
-            retries=retries,
-            retry_delay=retry_delay,
-            max_active_tis_per_dag=parallel,
-            map_index_template="{{ ingest_partition }}",
-        )
         def partition(key: str) -> Summary:
             _context()["ingest_partition"] = key
             code, summary = run_partition_task(
@@ -270,8 +258,7 @@ def backfill_dag(
             )
             return finish(code, summary)
 
-        @task(task_id="report")  # type: ignore[untyped-decorator]
-        def report(results: Sequence[Summary]) -> Summary:
+        def report(results: Any) -> Summary:  # a lazy sequence of the partitions' XComs
             done = list(results)
             total = {
                 "endpoint": endpoint,
@@ -281,5 +268,14 @@ def backfill_dag(
             log.info("ingest backfill: %s", total)
             return total
 
-        report(partition.expand(key=plan()))
+        # Plain calls, not decorators: the same code type-checks with and without Airflow.
+        planned = task(task_id="plan", retries=retries, retry_delay=retry_delay)(plan)()
+        partitions = task(
+            task_id="partition",
+            retries=retries,
+            retry_delay=retry_delay,
+            max_active_tis_per_dag=parallel,
+            map_index_template="{{ ingest_partition }}",
+        )(partition).expand(key=planned)
+        task(task_id="report")(report)(partitions)
     return dag
