@@ -24,6 +24,7 @@ without Airflow installed.
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import logging
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -83,9 +84,18 @@ def _context() -> Any:
     return get_current_context()
 
 
+def _airflow_exception(name: str) -> type[Exception]:
+    """Airflow's own exception: from the task SDK (3.2+; the old place warns there), or from
+    ``airflow.exceptions`` (3.1)."""
+    for module in ("airflow.sdk.exceptions", "airflow.exceptions"):
+        found: type[Exception] | None = getattr(importlib.import_module(module), name, None)
+        if found is not None:
+            return found
+    raise ImportError(f"Airflow has no {name}")
+
+
 def finish(code: int, summary: Summary) -> Summary:
     """Log and push ``summary``, then end the task as :func:`outcome` says (or return it)."""
-    from airflow.exceptions import AirflowFailException, AirflowSkipException  # noqa: PLC0415
 
     result = outcome(code, summary)
     summary["outcome"] = result
@@ -103,9 +113,9 @@ def finish(code: int, summary: Summary) -> Summary:
         return summary
     message = f"ingest exit code {code}: {summary.get('error', 'see the task log')}"
     if result == "skipped":
-        raise AirflowSkipException(message)
+        raise _airflow_exception("AirflowSkipException")(message)
     if result == "fail":
-        raise AirflowFailException(message)
+        raise _airflow_exception("AirflowFailException")(message)
     raise IngestTaskFailed(message)
 
 

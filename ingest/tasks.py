@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,14 +61,14 @@ def _borrowed_process_state() -> Iterator[None]:
 def _call(
     settings: TaskSettings,
     redactor: Redactor,
-    work: Callable[[], Awaitable[Summary]],
+    work: Callable[[], Coroutine[Any, Any, Summary]],
     summary: Summary,
 ) -> tuple[int, Summary]:
     """Run ``work``; on an error put its one-line (redacted) message into ``summary``."""
     with _borrowed_process_state():
         configure_logging(redactor, level=settings.log_level, fmt="auto", stream=sys.stderr)
         try:
-            summary.update(asyncio.run(work()))  # type: ignore[arg-type]
+            summary.update(asyncio.run(work()))
             code = int(summary.get("exit_code", ExitCode.OK))
         except IngestError as exc:
             code = int(exc.exit_code)

@@ -9,20 +9,24 @@ local API server; the DAGs are the ones in examples/airflow, configured by envir
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import importlib.util
 import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
@@ -292,3 +296,121 @@ async def test_backfill_dag_partition_killed_mid_run_is_resumed_exactly_once(
     summaries += copy.summaries("ingest_shop_backfill", "partition")
     assert len(summaries) == 6, summaries
     assert before + sum(summary["records"] for summary in summaries) == 72
+
+
+@contextlib.asynccontextmanager
+async def executor_api(airflow: Airflow) -> AsyncIterator[None]:
+    """``airflow api-server`` on a free loopback port, and the settings that make ``dags test
+    --use-executor`` run each task in a process of its own (LocalExecutor) that reports to it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    airflow.env.update(
+        AIRFLOW__CORE__EXECUTOR="LocalExecutor",
+        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"{url}/execution/",
+        AIRFLOW__API__BASE_URL=url,
+        AIRFLOW__API_AUTH__JWT_SECRET=uuid.uuid4().hex,
+    )
+    server = await airflow.start(
+        "api-server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", name="api"
+    )
+
+    async def answers() -> bool:
+        if server.returncode is not None:
+            raise AssertionError(f"airflow api-server exited:\n{airflow.output('api')}")
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"{url}/api/v2/monitor/health") as response,
+            ):
+                return response.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    try:
+        await wait_until(answers, seconds=120, what="airflow api-server")
+        yield
+    finally:
+        if server.returncode is None:
+            server.terminate()  # only this child, by its pid
+            try:
+                async with asyncio.timeout(30):
+                    await server.wait()
+            except TimeoutError:
+                server.kill()
+                await server.wait()
+
+
+async def test_backfill_partition_task_killed_mid_window_is_retried_by_airflow(
+    airflow: Airflow, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """SIGKILL one mapped partition task's own process (LocalExecutor) mid-window: Airflow marks
+    the try failed and retries it; the retry waits for the dead try's lease, takes the partition
+    over and resumes from its checkpoint; the table is exact."""
+    records = timed_records(72, every=dt.timedelta(hours=1))  # 3 days, 24 a day
+    valve = Valve()
+    app = changes_app(records, valve=valve)
+    async with serve(app) as base, executor_api(airflow):
+        config = tmp_path / "shop.toml"
+        config.write_text(
+            events_config(
+                base, mode="append", per_page=4, batch_size=4, consumers=1, incremental=WINDOWED
+            )
+        )
+        airflow.env.update(
+            INGEST_EXAMPLE_CONFIG=str(config),
+            INGEST_EXAMPLE_ENDPOINT="events",
+            INGEST_EXAMPLE_FROM="2025-01-01",
+            INGEST_EXAMPLE_TO="2025-01-03",
+            INGEST_EXAMPLE_WINDOW="1d",
+            INGEST_EXAMPLE_LEASE_SECONDS="3",
+        )
+        await valve.close()
+        await valve.allow(3)
+        run = await airflow.start(
+            "dags", "test", "ingest_shop_backfill", "--use-executor", name="executor"
+        )
+
+        async def mid_partition() -> bool:
+            committed = await db.fetchval(
+                "SELECT count(*) FROM ingest.checkpoints c JOIN ingest.partitions p "
+                "USING (source, endpoint, partition) "
+                "WHERE NOT c.done AND c.records > 0 AND p.status = 'running'"
+            )
+            return bool(committed) and valve.waiting > 0
+
+        try:
+            await wait_until(mid_partition, seconds=180, what="a partition task mid-window")
+            victim = await db.fetchrow(
+                "SELECT p.partition, p.lease_owner FROM ingest.checkpoints c "
+                "JOIN ingest.partitions p USING (source, endpoint, partition) "
+                "WHERE NOT c.done AND c.records > 0 AND p.status = 'running' LIMIT 1"
+            )
+            assert victim is not None
+            # The lease owner is host:pid:random, the pid the task's own process (a descendant
+            # of the airflow process this test started).
+            os.kill(int(victim["lease_owner"].split(":")[-2]), signal.SIGKILL)
+            await valve.release_held()
+            await valve.open()
+            async with asyncio.timeout(240):
+                code = await run.wait()
+        finally:
+            if run.returncode is None:
+                run.kill()  # only this child, by its pid
+                await run.wait()
+        output = airflow.output("executor")
+        assert code == 0, output
+    assert await table(db) == expected(records, EPOCH + dt.timedelta(days=2))
+    partitions = {
+        row["partition"]: (row["status"], row["attempts"])
+        for row in await db.fetch("SELECT partition, status, attempts FROM ingest.partitions")
+    }
+    assert partitions[victim["partition"]] == ("done", 2), partitions
+    assert {status for status, _ in partitions.values()} == {"done"}
+    partition_tries = sorted(
+        (try_number, state)
+        for task_id, _, state, try_number in airflow.tasks("ingest_shop_backfill")
+        if task_id == "partition"
+    )
+    assert partition_tries == [(1, "success"), (2, "success")], output
