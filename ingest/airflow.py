@@ -96,7 +96,6 @@ def _airflow_exception(name: str) -> type[Exception]:
 
 def finish(code: int, summary: Summary) -> Summary:
     """Log and push ``summary``, then end the task as :func:`outcome` says (or return it)."""
-
     result = outcome(code, summary)
     summary["outcome"] = result
     line = ", ".join(

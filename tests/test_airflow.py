@@ -192,6 +192,10 @@ async def test_source_dag_retries_a_failed_run_and_maps_locked_and_config_errors
         config = tmp_path / "shop.toml"
         config.write_text(events_config(base, mode="append", per_page=10))
         airflow.env["INGEST_EXAMPLE_CONFIG"] = str(config)
+        # The database from an Airflow connection (conn_id), not ingest's DATABASE_URL.
+        dsn = airflow.env.pop("DATABASE_URL")
+        airflow.env["AIRFLOW_CONN_INGEST_TEST_DB"] = dsn
+        airflow.env["INGEST_EXAMPLE_CONN_ID"] = "ingest_test_db"
 
         # Try 1 fails on the third page (exit 1: retry); try 2 resumes from its checkpoint.
         code, output = await airflow.run("dags", "test", "ingest_shop_hourly", name="ok")
@@ -206,7 +210,7 @@ async def test_source_dag_retries_a_failed_run_and_maps_locked_and_config_errors
         assert summary["endpoints"]["events"]["records"] == summary["records"] > 0
 
         # Another run holds the source's lock: exit 3 is a skip, not a failure.
-        holder = await asyncpg.connect(airflow.env["DATABASE_URL"])
+        holder = await asyncpg.connect(dsn)
         try:
             assert await holder.fetchval(
                 "SELECT pg_try_advisory_lock(hashtextextended($1, 0))", lock_key("shop")
