@@ -143,7 +143,9 @@ async def test_one_page_parents_overlap_and_count_one_page_each(
 async def test_parallel_parents_1_walks_one_parent_at_a_time(database: str, db: Connection) -> None:
     app = shop_app(12, 4)
     async with serve(app) as base:
-        text = shop_config(base, mode="append", extra="parallel_parents = 1")
+        # pages_ahead = 1: the default fetches a parent's own pages ahead (several requests of
+        # one parent); this test counts parents, one request each at a time.
+        text = shop_config(base, mode="append", extra="parallel_parents = 1\npages_ahead = 1")
         await run(parse_config(text, Path("shop.toml")), database)
     assert await orders(db) == wanted(12, 4)
     assert app[FLIGHT]["most"] == 1
