@@ -378,6 +378,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(reset_cmd)
 
+    init_cmd = commands.add_parser(
+        "init",
+        help="sample an API's first pages and write a commented source config to start from",
+    )
+    init_cmd.add_argument("url", help="the URL of the first page (with any query parameters)")
+    init_cmd.add_argument("--output", "-o", required=True, help="the config file to write")
+    init_cmd.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="a request header (repeatable); ${VAR} is read from the environment and written "
+        "to the config as ${VAR}",
+    )
+    init_cmd.add_argument(
+        "--records-path", default=None, help="dotted path of the record list (default: guessed)"
+    )
+    init_cmd.add_argument(
+        "--depth",
+        type=int,
+        default=2,
+        help="levels of nested objects flattened into columns (default 2; deeper: jsonb)",
+    )
+    init_cmd.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    init_cmd.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+    )
+    init_cmd.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
+    init_cmd.add_argument("--debug", action="store_true", help="print tracebacks on errors")
+
     demo_cmd = commands.add_parser(
         "demo",
         help="run the bundled demo API into PostgreSQL (embedded if no DSN is set)",
@@ -592,6 +622,29 @@ async def _reset(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+async def _init(args: argparse.Namespace, redactor: Redactor) -> int:
+    from pathlib import Path  # noqa: PLC0415
+
+    from ingest.scaffold import InitOptions, init_config, parse_header  # noqa: PLC0415
+
+    if args.depth < 0:
+        raise ConfigError("--depth must not be negative")
+    headers = dict(parse_header(text) for text in args.header)
+    options = InitOptions(
+        url=args.url, headers=headers, records_path=args.records_path, depth=args.depth
+    )
+    output = Path(args.output)
+    guess = await init_config(options, output, redactor, force=args.force)
+    style = guess.pagination["style"]
+    key = guess.primary_key or "none (append)"
+    print(
+        f"wrote {output}: {len(guess.columns)} columns from {guess.sampled} records on "
+        f"{guess.pages} page(s); pagination {style}; primary key {key}"
+    )
+    print(f"next: ingest validate {output} && ingest run {output}")
+    return ExitCode.OK
+
+
 async def _demo(args: argparse.Namespace, redactor: Redactor, dsn: str | None) -> int:
     from ingest.demo import DEMO_CONFIG, next_steps, sample_report, serve_demo  # noqa: PLC0415
 
@@ -651,6 +704,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_dead_letters(args))
         if args.command == "reset":
             return asyncio.run(_reset(args))
+        if args.command == "init":
+            return asyncio.run(_init(args, redactor))
         if args.command == "demo":
             args.embedded = not has_database_settings(args.dsn)
             if not args.embedded:
