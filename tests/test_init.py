@@ -160,10 +160,16 @@ async def test_init_sends_headers_writes_variables_and_guesses_honestly(
             env,
             "--header",
             "Authorization: Bearer ${THINGS_TOKEN}",
+            "--header",
+            "X-Api-Key: literal-key",
         )
     assert all(r["Authorization"] == "Bearer tok-init-4d2f8a" for r in app[REQUESTS])
     assert "tok-init-4d2f8a" not in text
-    assert document["source"]["headers"] == {"Authorization": "Bearer ${THINGS_TOKEN}"}
+    assert document["source"]["headers"] == {
+        "Authorization": "Bearer ${THINGS_TOKEN}",
+        "X-Api-Key": "literal-key",
+    }
+    assert "# check: a credential written literally" in text
     endpoint = document["endpoints"][0]
     assert endpoint["path"] == "/v1/things"
     assert endpoint["params"] == {"sort": "asc"}
@@ -193,6 +199,20 @@ async def test_init_refuses_to_overwrite_and_explains_an_empty_first_page(
     assert len(err.strip().splitlines()) == 1
     assert existing.read_text() == "# mine\n"
     assert not (tmp_path / "new.toml").exists()
+
+
+async def test_init_records_path_and_depth_flags(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    async with serve(next_url_app(user_records(15), absolute=False)) as base:
+        _, document, text = await _init(
+            f"{base}/items", tmp_path, cli_env, "--records-path", "data", "--depth", "0"
+        )
+    endpoint = document["endpoints"][0]
+    assert endpoint["records_path"] == "data"
+    assert "# given with --records-path" in text
+    assert endpoint["pagination"] == {"style": "next_url", "next_url_path": "links.next"}
+    columns = endpoint["table"]["columns"]
+    assert columns["profile"] == {"path": "profile", "type": "jsonb"}
+    assert "profile__plan" not in columns
 
 
 def test_inference_rules() -> None:
