@@ -33,6 +33,7 @@ from ingest.copyenc import EncodedBatch, RecordEncoder, Rows
 from ingest.cursor import CursorKind, CursorValue
 from ingest.db import Connection
 from ingest.errors import DeadLetterLimitError, SinkError, one_line
+from ingest.evolve import evolve, scan, table_with
 from ingest.paths import compile_path
 from ingest.rows import RowBuilder
 from ingest.runstate import EndpointRun, Fence, RunOptions, larger
@@ -343,6 +344,9 @@ class BatchWriter:
         self.dead_letters_total = 0
 
     async def write(self, state: EndpointRun, sequence: int, pages: list[FetchedPage]) -> None:
+        if state.decisions is not None:
+            await self._write_inferred(state, sequence, pages)
+            return
         endpoint = state.endpoint
         rows: Rows = []
         rejected: list[tuple[Any, str]] = []
@@ -463,6 +467,73 @@ class BatchWriter:
             )
             known_keys = known_keys or copied_early is False
         return known_keys, cursor_max
+
+    async def _write_inferred(
+        self, state: EndpointRun, sequence: int, pages: list[FetchedPage]
+    ) -> None:
+        """A batch of an endpoint without declared columns (see :mod:`ingest.evolve`): at its
+        turn, its new fields become columns in its own transaction, then it converts and loads.
+        """
+        await state.gate.wait_turn(sequence)  # one at a time: an ALTER needs the table alone
+        endpoint = state.endpoint
+        records = [record for page in pages for record in page.records]
+        batch_max = batch_cursor(endpoint, state.cursor, pages)
+        pages[:] = [dataclasses.replace(page, records=(), body=None) for page in pages]
+        assert state.decisions is not None
+        found = scan(endpoint.table, state.decisions, records)
+        fence = state.lock_fence or (state.partition.fence if state.partition is not None else None)
+        merge = endpoint.table.mode == "merge"
+        refused: list[tuple[Any, str]] | None = None
+        while True:
+            decisions = state.decisions
+            table = endpoint.table
+            try:
+                async with self.pool.acquire() as connection, connection.transaction():
+                    if found.new:
+                        decisions = await evolve(
+                            connection,
+                            endpoint,
+                            found.new,
+                            source=state.source,
+                            run_id=state.run_id,
+                        )
+                        table = table_with(endpoint.table, decisions)
+                    sink = TableSink(table)
+                    rows, rejected = RowBuilder(table).build_many(found.records)
+                    rejected = found.rejected + rejected
+                    if merge and refused is not None:
+                        await sink.merge_refusing(connection, rows, refused)
+                    else:
+                        await load_rows(connection, sink, rows, direct=False, refused=refused)
+                    rejected += refused or []
+                    staged = Staged(len(rows) - len(refused or []), len(rejected), batch_max, 0)
+                    plan, cursor_max = self.plan(state, pages, staged)
+                    if merge and refused is not None:
+                        plan = dataclasses.replace(plan, merge=False)  # merged in parts
+                    await apply_commit(
+                        connection, sink, self.target(state), plan, rejected, fence=fence
+                    )
+                break
+            except REFUSALS as exc:
+                if refused is not None:
+                    raise sink_error(endpoint, state.partition_key, len(records), exc) from None
+                log.info(
+                    "batch_refused_finding_rows",
+                    endpoint=endpoint.name,
+                    sequence=sequence,
+                    reason=type(exc).__name__,
+                )
+                refused = []
+            except WRITE_ERRORS as exc:
+                raise sink_error(endpoint, state.partition_key, len(records), exc) from None
+        if decisions is not state.decisions:  # committed: later batches use the new columns
+            added = len(decisions) - len(state.decisions)
+            log.info("columns_added", endpoint=endpoint.name, columns=added, sequence=sequence)
+            state.decisions = decisions
+            state.endpoint = endpoint.model_copy(update={"table": table})
+            state.sink = TableSink(table)
+            state.builder = RowBuilder(table)
+        await self.committed(state, sequence, pages, staged, cursor_max)
 
     async def _encoder(self, state: EndpointRun) -> RecordEncoder | None:
         """The endpoint's record encoder, once its target's column types are known to match."""

@@ -68,7 +68,16 @@ class Table(_Frozen):
     schema_: str = Field(default="public", alias="schema")
     mode: Literal["append", "merge"] = "merge"
     primary_key: tuple[str, ...] = ()
-    columns: dict[str, Column]
+    #: Declared columns; none: columns are inferred from the records (:mod:`ingest.evolve`).
+    columns: dict[str, Column] = Field(default_factory=dict)
+    #: True when the config declares no columns: they are inferred and kept in
+    #: ``ingest.inferred_columns``; set by the loader, never by the user.
+    inferred: bool = False
+    #: Inferred tables: what a field no column holds does (``evolve``: a new column; ``freeze``:
+    #: the record is a dead letter; ``discard``: ignored, kept in the raw record).
+    contract: Literal["evolve", "freeze", "discard"] = "evolve"
+    #: Inferred tables: levels of nested objects flattened into columns (deeper: jsonb).
+    infer_depth: int = Field(default=2, ge=0, le=8)
     store_raw: bool = True
     #: Who converts records to rows: ``python`` (RowBuilder + COPY) or ``server`` (PostgreSQL
     #: unpacks each page's JSON; see :mod:`ingest.server_load`).
@@ -84,11 +93,23 @@ class Table(_Frozen):
     def _schema(cls, value: str) -> str:
         return check_identifier(value, "schema name")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _inferred(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = {**data, "inferred": not data.get("columns")}
+            if not data["inferred"]:
+                for key in ("contract", "infer_depth"):
+                    if key in data:
+                        raise ValueError(
+                            f"{key} applies to inferred columns only; with declared columns "
+                            "unknown fields stay in the raw record (_ingest_raw)"
+                        )
+        return data
+
     @field_validator("columns")
     @classmethod
     def _columns(cls, value: dict[str, Column]) -> dict[str, Column]:
-        if not value:
-            raise ValueError("declare at least one column")
         for name in value:
             check_identifier(name, "column name")
             if name.startswith("_ingest"):
@@ -98,7 +119,9 @@ class Table(_Frozen):
     @model_validator(mode="after")
     def _keys(self) -> Table:
         for key in self.primary_key:
-            if key not in self.columns:
+            if self.inferred:
+                check_identifier(key, "primary_key column")
+            elif key not in self.columns:
                 raise ValueError(f"primary_key column {key!r} is not declared in columns")
         if self.mode == "merge" and not self.primary_key:
             raise ValueError(
@@ -250,6 +273,11 @@ class Endpoint(_Frozen):
 
     @model_validator(mode="after")
     def _placeholders(self) -> Endpoint:
+        if self.table.inferred and (self.parent is not None or self.table.load == "server"):
+            raise ValueError(
+                'a child endpoint or table.load = "server" needs declared table.columns '
+                "(inferred columns are for top-level endpoints loaded in Python)"
+            )
         if self.parent is None and self.parents != "all":
             raise ValueError('parents = "changed" needs a parent endpoint')
         if self.parent is None:
@@ -503,6 +531,11 @@ def _check_parent(endpoint: Endpoint, by_name: Mapping[str, Endpoint]) -> None:
             raise ValueError(f"{where}: parent chain loops through {ancestor.name!r}")
         seen.add(ancestor.name)
         ancestor = by_name.get(ancestor.parent) if ancestor.parent else None
+    if parent.table.inferred:
+        raise ValueError(
+            f"{where}: parent {parent.name!r} must declare table.columns (a child reads its "
+            "parent's columns; inferred ones are not known before a run)"
+        )
     available = set(parent.table.columns)
     used = PATH_PLACEHOLDER.findall(endpoint.path) + list(endpoint.parent_columns().values())
     for column in used:

@@ -29,6 +29,7 @@ import structlog
 from ingest.config import Endpoint, LoadedConfig
 from ingest.db import Connection, open_pool
 from ingest.errors import ConfigError, LockedError, SinkError, one_line
+from ingest.evolve import Decision, load_decisions, scan, table_with
 from ingest.migrate import pending
 from ingest.rows import POSTGRES_TYPES, RowBuilder, RowError
 from ingest.sink import LOADED_AT_COLUMN, TableSink, quote
@@ -170,6 +171,10 @@ async def replay_endpoint(
 ) -> ReplayStats:
     """One endpoint's dead letters, a chunk per transaction, in id (arrival) order."""
     stats = ReplayStats(endpoint.name)
+    decisions: list[Decision] | None = None
+    if endpoint.table.inferred:  # the columns decided so far; a replay adds none
+        decisions = await load_decisions(connection, endpoint.table)
+        endpoint = endpoint.model_copy(update={"table": table_with(endpoint.table, decisions)})
     sink = TableSink(endpoint.table)
     builder = RowBuilder(endpoint.table)
     ensured = False
@@ -190,6 +195,12 @@ async def replay_endpoint(
             good: list[tuple[asyncpg.Record, tuple[Any, ...]]] = []
             failing: list[tuple[int, str]] = []
             for letter in letters:
+                if decisions is not None:
+                    record = orjson.loads(letter["record"])
+                    refused = scan(endpoint.table, decisions, [record]).rejected
+                    if refused:
+                        failing.append((letter["id"], refused[0][1]))
+                        continue
                 try:
                     good.append((letter, convert(builder, letter)))
                 except RowError as exc:

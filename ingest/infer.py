@@ -129,7 +129,8 @@ def snake_case(key: str) -> str:
     return name
 
 
-def _unique(name: str, taken: set[str]) -> str:
+def unique_name(name: str, taken: set[str]) -> str:
+    """``name`` made a valid column name not in ``taken`` (suffix ``_2``, ...); adds it."""
     name = name or "field"
     if name[0].isdigit():
         name = f"f_{name}"
@@ -159,7 +160,7 @@ def infer_columns(records: Iterable[Any], depth: int = DEFAULT_DEPTH) -> list[In
     for steps, values in leaves:
         present = [value for value in values if value is not None]
         kind, note = column_type(present)
-        name = _unique("__".join(snake_case(step) for step in steps), taken)
+        name = unique_name("__".join(snake_case(step) for step in steps), taken)
         columns.append(
             InferredColumn(
                 name=name,

@@ -44,6 +44,7 @@ from ingest.errors import (
     one_line,
 )
 from ingest.events import NullObserver
+from ingest.evolve import Decision, load_decisions, table_with
 from ingest.http.messages import PageRequest
 from ingest.offload import WriterPool
 from ingest.paginate import make_paginator
@@ -212,8 +213,9 @@ class Pipeline:
         so many workers can fill one source at once.
         """
         if endpoint.name not in self._ensured:
-            async with self.pool.acquire() as connection:
-                await TableSink(endpoint.table).ensure(connection)
+            if not endpoint.table.inferred:  # inferred: in _run_endpoint, once resolved
+                async with self.pool.acquire() as connection:
+                    await TableSink(endpoint.table).ensure(connection)
             self._ensured.add(endpoint.name)
         await self._run_endpoint(endpoint, partition)
         return self.stats[_stats_key(endpoint, partition)]
@@ -234,7 +236,8 @@ class Pipeline:
     async def _run_endpoints(self, endpoints: Sequence[Endpoint]) -> None:
         async with self.pool.acquire() as connection:
             for endpoint in endpoints:
-                await TableSink(endpoint.table).ensure(connection)
+                if not endpoint.table.inferred:  # inferred: in _run_endpoint, once resolved
+                    await TableSink(endpoint.table).ensure(connection)
         for wave in _waves(endpoints):
             try:
                 async with asyncio.TaskGroup() as group:
@@ -250,12 +253,29 @@ class Pipeline:
                     self.stats.setdefault(endpoint.name, EndpointStats())
                 return
 
+    async def _inferred(self, endpoint: Endpoint) -> tuple[Endpoint, list[Decision]]:
+        """An inferred endpoint with the columns decided so far; its table, if it has any."""
+        async with self.pool.acquire() as connection:
+            decisions = await load_decisions(connection, endpoint.table)
+            resolved = endpoint.model_copy(update={"table": table_with(endpoint.table, decisions)})
+            if decisions:
+                await TableSink(resolved.table).ensure(connection)
+        return resolved, decisions
+
     async def _run_endpoint(self, endpoint: Endpoint, partition: Partition | None = None) -> None:
         # This task runs in its own copy of the context, so the binding reaches exactly the
         # log events of this endpoint's producer, consumers and HTTP requests.
         structlog.contextvars.bind_contextvars(endpoint=endpoint.name)
-        if partition is None and can_slice(endpoint) and await self._run_sliced(endpoint):
+        if (
+            partition is None
+            and not endpoint.table.inferred
+            and can_slice(endpoint)
+            and await self._run_sliced(endpoint)
+        ):
             return
+        decisions: list[Decision] | None = None
+        if endpoint.table.inferred:
+            endpoint, decisions = await self._inferred(endpoint)
         stats = self.stats.setdefault(_stats_key(endpoint, partition), EndpointStats())
         key = partition.key if partition else ""
         async with self.pool.acquire() as connection:
@@ -284,9 +304,13 @@ class Pipeline:
         sink = TableSink(endpoint.table)
         # Backfill windows stay in this process: their lease fence runs in the batch transaction.
         offloaded = (
-            self.writers is not None and endpoint.table.load == "python" and partition is None
+            self.writers is not None
+            and endpoint.table.load == "python"
+            and partition is None
+            and decisions is None
         )
-        typed = typed_pages_for(endpoint, self.settings.typed_decode)
+        # Inferred columns change between batches: their records go through the Python loop.
+        typed = typed_pages_for(endpoint, self.settings.typed_decode and decisions is None)
         encoder = (
             RecordEncoder.for_endpoint(endpoint) if typed is not None and not offloaded else None
         )
@@ -311,7 +335,8 @@ class Pipeline:
             encoder=encoder,
             # Slices of one run may meet the same key (a record that moved while they ran):
             # every batch stages and upserts at its turn, never COPYs a key another may hold.
-            merge_direct=not _is_slice(partition),
+            merge_direct=not _is_slice(partition) and decisions is None,
+            decisions=decisions,
         )
         if resuming and checkpoint and cursor and checkpoint.cursor_max:
             state.cursor_max = cursor.load(checkpoint.cursor_max)

@@ -19,6 +19,7 @@ from ingest.copyenc import RecordEncoder
 from ingest.cursor import CursorKind, CursorValue
 from ingest.db import Connection
 from ingest.events import NullObserver, RunObserver
+from ingest.evolve import Decision
 from ingest.log import LogFormat
 from ingest.rows import RowBuilder
 from ingest.server_load import ServerLoad
@@ -211,6 +212,9 @@ class EndpointRun:
     #: Merge batches go straight into the target by COPY while every key they bring is new
     #: (:meth:`ingest.sink.TableSink.copy_new`); the first known key turns it off for the walk.
     merge_direct: bool = True
+    #: An endpoint without declared columns: the columns decided so far (ingest.evolve); its
+    #: ``endpoint.table`` holds them. None for declared columns.
+    decisions: list[Decision] | None = None
 
     @property
     def raw_records(self) -> bool:

@@ -99,7 +99,8 @@ class TableSink:
         self._encode: Encode | None = binary_encoder(self._column_types)
         #: The target's column types are the configured ones (None: not checked yet).
         self._target_matches: bool | None = None
-        positions = [self.columns.index(key) for key in table.primary_key]
+        # (An inferred table's key column may not be decided yet: no rows before it is.)
+        positions = [self.columns.index(key) for key in table.primary_key if key in self.columns]
         self._key: Callable[[tuple[Any, ...]], Any] = (
             operator.itemgetter(*positions) if positions else operator.itemgetter(slice(0, 0))
         )
