@@ -28,12 +28,20 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
+
 from ingest.config import Column, Endpoint, Table
 from ingest.db import Connection
 from ingest.errors import SinkError
 from ingest.infer import InferredColumn, infer_columns, unique_name
 from ingest.rows import POSTGRES_TYPES
 from ingest.sink import TableSink, quote
+
+log = structlog.get_logger("ingest.evolve")
+#: At most this many inferred columns per table (PostgreSQL's limit is 1600): an API that sends
+#: ever new keys (ids as keys, say) must not grow a table without end; the rest stay in the raw
+#: record.
+MAX_COLUMNS = 400
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +154,14 @@ async def evolve(
     for column in new:
         if covered(column.path, paths):
             continue  # decided by another process since this one last looked
+        if len(decisions) + len(added) >= MAX_COLUMNS:
+            log.warning(
+                "inferred_column_limit",
+                endpoint=endpoint.name,
+                limit=MAX_COLUMNS,
+                field=column.path[:200],
+            )
+            break  # the fields stay in the raw record
         decision = Decision(unique_name(column.name, names), column.path, column.type)
         paths.add(decision.path)
         added.append(decision)

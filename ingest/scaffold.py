@@ -566,6 +566,8 @@ def render(guess: Guess, options: InitOptions, url_for_comment: str) -> str:
         "",
         "# Typed columns inferred from the sample (docs/configuration.md#inferred-columns);",
         "# the raw record is stored too (_ingest_raw), so nothing left out here is lost.",
+        "# Without this table ingest infers the columns at run time and adds new fields as",
+        '# columns (table.contract = "evolve"); declared columns never change on their own.',
         "[endpoints.table.columns]",
     ]
     for column in guess.columns:

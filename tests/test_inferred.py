@@ -11,6 +11,7 @@ import asyncpg
 import orjson
 
 from ingest.config import parse_config
+from ingest.evolve import MAX_COLUMNS
 from tests.helpers import run
 from tests.processes import run_ingest
 from tests.servers import make_records, page_number_app, serve
@@ -217,3 +218,30 @@ async def test_a_value_that_does_not_fit_its_column_is_a_dead_letter_not_a_null(
     error = await db.fetchval("SELECT error FROM ingest.dead_letters")
     assert "column score" in error and "lots" in error
     assert await db.fetchval("SELECT count(*) FROM items WHERE score IS NULL") == 0
+
+
+async def test_an_api_sending_ever_new_keys_stops_at_the_column_limit(
+    database: str, db: Connection
+) -> None:
+    records = make_records(20)
+    for record in records:
+        record["by_key"] = {f"k{record['id']}_{n}": n for n in range(30)}  # 600 keys in all
+    async with serve(page_number_app(records)) as base:
+        result = await run(parse_config(inferred_config(base), Path("t.toml"), {}), database)
+    assert result.endpoints["items"].records == 20
+    assert len(await decisions(db)) == MAX_COLUMNS
+    raw = await db.fetchval("SELECT _ingest_raw FROM items WHERE id = 20")
+    assert orjson.loads(raw)["by_key"]["k20_29"] == 29
+
+
+async def test_init_validate_run_with_columns_left_to_inference(
+    tmp_path: Path, cli_env: dict[str, str], db: Connection
+) -> None:
+    """`ingest validate` and `ingest run` through the CLI on a config without columns."""
+    config = tmp_path / "api.toml"
+    async with serve(page_number_app(make_records(25))) as base:
+        config.write_text(inferred_config(base))
+        for command in ("validate", "run"):
+            code, out, err = await run_ingest(command, str(config), env=cli_env)
+            assert code == 0, out + err
+    assert await db.fetchval("SELECT count(*) FROM items") == 25
