@@ -564,7 +564,7 @@ def render(guess: Guess, options: InitOptions, url_for_comment: str) -> str:
         lines += [f"# check: {guess.key_note}", 'mode = "append"']
     lines += [
         "",
-        "# Typed columns inferred from the sample (docs/configuration.md#inferred-columns);",
+        "# Typed columns inferred from the sample (docs/configuration.md#inference-rules);",
         "# the raw record is stored too (_ingest_raw), so nothing left out here is lost.",
         "# Without this table ingest infers the columns at run time and adds new fields as",
         '# columns (table.contract = "evolve"); declared columns never change on their own.',
