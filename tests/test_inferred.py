@@ -11,6 +11,7 @@ import asyncpg
 import orjson
 
 from ingest.config import parse_config
+from ingest.deadletters import replay_dead_letters
 from ingest.evolve import MAX_COLUMNS
 from tests.helpers import run
 from tests.processes import run_ingest
@@ -245,3 +246,24 @@ async def test_init_validate_run_with_columns_left_to_inference(
             code, out, err = await run_ingest(command, str(config), env=cli_env)
             assert code == 0, out + err
     assert await db.fetchval("SELECT count(*) FROM items") == 25
+
+
+async def test_replay_applies_the_contract_to_inferred_columns(
+    database: str, db: Connection
+) -> None:
+    """A record frozen out stays a dead letter on replay under freeze; under discard it lands
+    (its unknown field in the raw record only)."""
+    records = make_records(20)
+    async with serve(page_number_app(records)) as base:
+        await run(parse_config(inferred_config(base), Path("t.toml"), {}), database)
+        records[3]["coupon"] = "SPRING"
+        records[3]["name"] = "renamed"
+        frozen = parse_config(inferred_config(base, contract="freeze"), Path("t.toml"), {})
+        await run(frozen, database)
+    (stats,) = await replay_dead_letters(frozen, database)
+    assert (stats.replayed, stats.still_failing) == (0, 1)
+    discard = parse_config(inferred_config(base, contract="discard"), Path("t.toml"), {})
+    (stats,) = await replay_dead_letters(discard, database)
+    assert (stats.replayed, stats.still_failing) == (1, 0)
+    assert await db.fetchval("SELECT name FROM items WHERE id = 4") == "renamed"
+    assert await db.fetchval("SELECT count(*) FROM ingest.dead_letters") == 0
