@@ -33,7 +33,7 @@ from ingest.copyenc import EncodedBatch, RecordEncoder, Rows
 from ingest.cursor import CursorKind, CursorValue
 from ingest.db import Connection
 from ingest.errors import DeadLetterLimitError, SinkError, one_line
-from ingest.evolve import evolve, scan, table_with
+from ingest.evolve import evolve, missing_key, scan, table_with
 from ingest.paths import compile_path
 from ingest.rows import RowBuilder
 from ingest.runstate import EndpointRun, Fence, RunOptions, larger
@@ -489,7 +489,7 @@ class BatchWriter:
             table = endpoint.table
             try:
                 async with self.pool.acquire() as connection, connection.transaction():
-                    if found.new:
+                    if found.new or not decisions:  # the first batch creates the table
                         decisions = await evolve(
                             connection,
                             endpoint,
@@ -501,7 +501,13 @@ class BatchWriter:
                     sink = TableSink(table)
                     rows, rejected = RowBuilder(table).build_many(found.records)
                     rejected = found.rejected + rejected
-                    if merge and refused is not None:
+                    if key := missing_key(table):  # no record carried it yet: no table
+                        reason = f"column {key}: required value is missing (the primary key)"
+                        rows = []
+                        rejected = found.rejected + [(record, reason) for record in found.records]
+                    if not rows:
+                        pass
+                    elif merge and refused is not None:
                         await sink.merge_refusing(connection, rows, refused)
                     else:
                         await load_rows(connection, sink, rows, direct=False, refused=refused)
@@ -527,8 +533,8 @@ class BatchWriter:
             except WRITE_ERRORS as exc:
                 raise sink_error(endpoint, state.partition_key, len(records), exc) from None
         if decisions is not state.decisions:  # committed: later batches use the new columns
-            added = len(decisions) - len(state.decisions)
-            log.info("columns_added", endpoint=endpoint.name, columns=added, sequence=sequence)
+            if added := len(decisions) - len(state.decisions):
+                log.info("columns_added", endpoint=endpoint.name, columns=added, sequence=sequence)
             state.decisions = decisions
             state.endpoint = endpoint.model_copy(update={"table": table})
             state.sink = TableSink(table)

@@ -32,7 +32,6 @@ import structlog
 
 from ingest.config import Column, Endpoint, Table
 from ingest.db import Connection
-from ingest.errors import SinkError
 from ingest.infer import InferredColumn, infer_columns, unique_name
 from ingest.rows import POSTGRES_TYPES
 from ingest.sink import TableSink, quote
@@ -57,6 +56,11 @@ def table_with(table: Table, decisions: Sequence[Decision]) -> Table:
     """``table`` with the decided columns (still marked inferred)."""
     columns = {d.name: Column(path=d.path, type=d.type) for d in decisions}  # type: ignore[arg-type]
     return table.model_copy(update={"columns": columns})
+
+
+def missing_key(table: Table) -> str | None:
+    """The first primary-key column not decided yet (no record has carried it)."""
+    return next((key for key in table.primary_key if key not in table.columns), None)
 
 
 async def load_decisions(connection: Connection, table: Table) -> list[Decision]:
@@ -180,13 +184,8 @@ async def evolve(
         )
     decisions += added
     resolved = table_with(table, decisions)
-    missing = [key for key in table.primary_key if key not in resolved.columns]
-    if missing:
-        seen = ", ".join(d.name for d in decisions) or "none"
-        raise SinkError(
-            f"endpoint {endpoint.name}: primary_key column {missing[0]!r} is not among the "
-            f"columns inferred from the records ({seen}); check table.primary_key"
-        )
+    if missing_key(resolved):
+        return decisions  # no table before its key: the batch's records are dead letters
     sink = TableSink(resolved)
     await connection.execute(sink.create_sql())
     for decision in added:

@@ -44,7 +44,7 @@ from ingest.errors import (
     one_line,
 )
 from ingest.events import NullObserver
-from ingest.evolve import Decision, load_decisions, table_with
+from ingest.evolve import Decision, load_decisions, missing_key, table_with
 from ingest.http.messages import PageRequest
 from ingest.offload import WriterPool
 from ingest.paginate import make_paginator
@@ -258,7 +258,7 @@ class Pipeline:
         async with self.pool.acquire() as connection:
             decisions = await load_decisions(connection, endpoint.table)
             resolved = endpoint.model_copy(update={"table": table_with(endpoint.table, decisions)})
-            if decisions:
+            if decisions and missing_key(resolved.table) is None:
                 await TableSink(resolved.table).ensure(connection)
         return resolved, decisions
 

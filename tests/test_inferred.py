@@ -13,7 +13,7 @@ import orjson
 from ingest.config import parse_config
 from ingest.deadletters import replay_dead_letters
 from ingest.evolve import MAX_COLUMNS
-from tests.helpers import run
+from tests.helpers import ids, run
 from tests.processes import run_ingest
 from tests.servers import make_records, page_number_app, serve
 
@@ -267,3 +267,22 @@ async def test_replay_applies_the_contract_to_inferred_columns(
     assert (stats.replayed, stats.still_failing) == (1, 0)
     assert await db.fetchval("SELECT name FROM items WHERE id = 4") == "renamed"
     assert await db.fetchval("SELECT count(*) FROM ingest.dead_letters") == 0
+
+
+async def test_records_before_the_key_is_ever_seen_are_dead_letters_not_a_failed_run(
+    database: str, db: Connection
+) -> None:
+    records = make_records(30)
+    for record in records[:10]:
+        record["id"] = None
+    async with serve(page_number_app(records)) as base:
+        loaded = parse_config(inferred_config(base), Path("t.toml"), {})
+        result = await run(loaded, database)
+        again = await run(loaded, database)
+    assert result.endpoints["items"].records == 20
+    assert result.endpoints["items"].dead_letters == 10
+    assert again.endpoints["items"].dead_letters == 10
+    errors = {row["error"] for row in await db.fetch("SELECT error FROM ingest.dead_letters")}
+    # (Whether the key was decided in the batch of those records or only later.)
+    assert all(error.startswith("column id: required value is missing") for error in errors)
+    assert await ids(db) == list(range(11, 31))
