@@ -99,8 +99,8 @@ class Table(_Frozen):
         if isinstance(data, dict):
             data = {**data, "inferred": not data.get("columns")}
             if not data["inferred"]:
-                for key in ("contract", "infer_depth"):
-                    if key in data:
+                for key, default in (("contract", "evolve"), ("infer_depth", 2)):
+                    if data.get(key, default) != default:
                         raise ValueError(
                             f"{key} applies to inferred columns only; with declared columns "
                             "unknown fields stay in the raw record (_ingest_raw)"

@@ -9,9 +9,11 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 
 from ingest.config import parse_config
 from ingest.deadletters import replay_dead_letters
+from ingest.errors import ConfigError
 from ingest.evolve import MAX_COLUMNS
 from tests.helpers import ids, run
 from tests.processes import run_ingest
@@ -286,3 +288,11 @@ async def test_records_before_the_key_is_ever_seen_are_dead_letters_not_a_failed
     # (Whether the key was decided in the batch of those records or only later.)
     assert all(error.startswith("column id: required value is missing") for error in errors)
     assert await ids(db) == list(range(11, 31))
+
+
+def test_contract_next_to_declared_columns_is_a_config_error() -> None:
+    text = inferred_config("http://127.0.0.1:9", contract="freeze") + (
+        '[endpoints.table.columns]\nid = { path = "id", type = "bigint" }\n'
+    )
+    with pytest.raises(ConfigError, match="contract applies to inferred columns only"):
+        parse_config(text, Path("t.toml"), {})
