@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
+from aiohttp import web
 
 from ingest.config import parse_config
 from ingest.deadletters import replay_dead_letters
@@ -296,3 +297,31 @@ def test_contract_next_to_declared_columns_is_a_config_error() -> None:
     )
     with pytest.raises(ConfigError, match="contract applies to inferred columns only"):
         parse_config(text, Path("t.toml"), {})
+
+
+async def test_two_endpoints_of_one_run_landing_in_one_table_agree(
+    database: str, db: Connection
+) -> None:
+    """Two endpoints walked at once into one table: one decision and one column per field."""
+    halves = {"a": make_records(40), "b": make_records(40, start=41)}
+    for records in halves.values():
+        for record in records[8:]:
+            record["region"] = "eu"
+    app = web.Application()
+    for route, records in halves.items():
+        app.add_subapp(f"/{route}", page_number_app(records))
+    async with serve(app) as base:
+        text = inferred_config(base, batch_size=5)
+        endpoint = text[text.index("[[endpoints]]") :]
+        text = text.replace('path = "/items"', 'path = "/a/items"', 1)
+        text += endpoint.replace('name = "items"', 'name = "b"', 1).replace(
+            'path = "/items"', 'path = "/b/items"', 1
+        )
+        result = await run(parse_config(text, Path("t.toml"), {}), database)
+    assert result.endpoints["items"].records == 40
+    assert result.endpoints["b"].records == 40
+    names = [d[0] for d in await decisions(db)]
+    assert sorted(names) == sorted(set(names))
+    assert names.count("region") == 1
+    assert await db.fetchval("SELECT count(*) FROM items") == 80
+    assert await db.fetchval("SELECT count(*) FROM items WHERE region = 'eu'") == 64
