@@ -35,6 +35,19 @@ enum kind {
     K_COUNT = 8
 };
 
+/* An array column: K_ARRAY | the element's kind (text, bigint, integer, double, boolean or
+ * timestamptz), e.g. K_ARRAY | K_TEXT for text[]. Only encode() takes them (rows of Python
+ * lists); encode_records() never sees them (the record encoder declines array tables). */
+#define K_ARRAY 0x20
+static int array_kind_ok(int kind) {
+    int element = kind & ~K_ARRAY;
+    return (kind & K_ARRAY) && (element == K_TEXT || element == K_BIGINT ||
+                                element == K_INTEGER || element == K_DOUBLE ||
+                                element == K_BOOLEAN || element == K_TIMESTAMPTZ);
+}
+/* PostgreSQL's element type oids, indexed by kind (0: no array of it here). */
+static const uint32_t ELEMENT_OID[K_COUNT] = {25, 20, 23, 701, 16, 1184, 0, 0};
+
 /* asyncpg's sentinels (pgproto codecs/datetime.pyx): datetime.max/min and date.max/min are
  * PostgreSQL's +/-infinity. */
 #define PG_INFINITY_MICROS INT64_C(0x7FFFFFFFFFFFFFFF)
@@ -204,6 +217,51 @@ static int put_date(buffer *out, int year, int month, int day) {
     return 0;
 }
 
+static int put_value(buffer *out, int kind, PyObject *value);
+
+/* A one-dimensional array (a list), in asyncpg's layout: ndims 1, flags 0, the element oid,
+ * the length with lower bound 1, then each element as a field (NULL as -1). */
+static int put_array(buffer *out, int element, PyObject *value) {
+    if (!PyList_CheckExact(value)) return 1;
+    if (reserve(out, 24) < 0) return -1;
+    size_t start = out->size;
+    out->size += 4; /* the field's length, written below */
+    put_u32(out, 1);
+    put_u32(out, 0);
+    put_u32(out, ELEMENT_OID[element]);
+    /* A Python converter's own list, but a tzinfo's utcoffset() is Python code: hold it. */
+    Py_INCREF(value);
+    Py_ssize_t length = PyList_GET_SIZE(value);
+    if (length > INT32_MAX / 4) { /* more than PostgreSQL's MaxAllocSize of NULLs anyway */
+        Py_DECREF(value);
+        return 1;
+    }
+    put_u32(out, (uint32_t)length);
+    put_u32(out, 1);
+    int status = 0;
+    for (Py_ssize_t index = 0; index < length && status == 0; index++) {
+        if (index >= PyList_GET_SIZE(value)) {
+            status = 1; /* changed under us: asyncpg decides */
+            break;
+        }
+        PyObject *item = PyList_GET_ITEM(value, index);
+        Py_INCREF(item);
+        status = put_value(out, element, item);
+        Py_DECREF(item);
+    }
+    if (status == 0 && PyList_GET_SIZE(value) != length) status = 1;
+    Py_DECREF(value);
+    if (status != 0) return status;
+    size_t total = out->size - start - 4;
+    if (total > INT32_MAX) return 1;
+    uint32_t big = (uint32_t)total;
+    out->data[start] = (char)(big >> 24);
+    out->data[start + 1] = (char)(big >> 16);
+    out->data[start + 2] = (char)(big >> 8);
+    out->data[start + 3] = (char)big;
+    return 0;
+}
+
 /* One value; 0 = written, 1 = refuse (asyncpg decides), -1 = error set. */
 static int put_value(buffer *out, int kind, PyObject *value) {
     if (value == Py_None) {
@@ -211,6 +269,7 @@ static int put_value(buffer *out, int kind, PyObject *value) {
         put_u32(out, UINT32_C(0xFFFFFFFF));
         return 0;
     }
+    if (kind & K_ARRAY) return put_array(out, kind & ~K_ARRAY, value);
     switch (kind) {
     case K_TEXT:
     case K_JSONB: {
@@ -291,7 +350,7 @@ static PyObject *encode(PyObject *module, PyObject *args) {
         return NULL;
     }
     for (Py_ssize_t column = 0; column < columns; column++) {
-        if (kinds[column] >= K_COUNT) {
+        if (kinds[column] >= K_COUNT && !array_kind_ok(kinds[column])) {
             PyErr_Format(PyExc_ValueError, "unknown column kind %d", (int)kinds[column]);
             return NULL;
         }
@@ -1643,6 +1702,18 @@ static int exec_module(PyObject *module) {
             return -1;
         }
         Py_DECREF(code);
+        if (ELEMENT_OID[kind] != 0) {
+            PyObject *array = PyLong_FromLong(K_ARRAY | kind);
+            PyObject *name = PyUnicode_FromFormat("%s[]", names[kind]);
+            if (array == NULL || name == NULL || PyDict_SetItem(kinds, name, array) < 0) {
+                Py_XDECREF(array);
+                Py_XDECREF(name);
+                Py_DECREF(kinds);
+                return -1;
+            }
+            Py_DECREF(array);
+            Py_DECREF(name);
+        }
     }
     if (PyModule_AddObject(module, "KIND", kinds) < 0) {
         Py_DECREF(kinds);

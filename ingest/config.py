@@ -35,7 +35,22 @@ SENSITIVE_HEADERS = frozenset(
 )
 
 ColumnType = Literal[
-    "text", "bigint", "integer", "double", "numeric", "boolean", "timestamptz", "date", "jsonb"
+    "text",
+    "bigint",
+    "integer",
+    "double",
+    "numeric",
+    "boolean",
+    "timestamptz",
+    "date",
+    "jsonb",
+    "text[]",
+    "bigint[]",
+    "integer[]",
+    "double[]",
+    "numeric[]",
+    "boolean[]",
+    "timestamptz[]",
 ]
 
 
@@ -123,6 +138,8 @@ class Table(_Frozen):
                 check_identifier(key, "primary_key column")
             elif key not in self.columns:
                 raise ValueError(f"primary_key column {key!r} is not declared in columns")
+            if self.columns[key].type.endswith("[]"):
+                raise ValueError(f"primary_key column {key!r} cannot be an array")
         if self.mode == "merge" and not self.primary_key:
             raise ValueError(
                 "mode 'merge' (the default) needs a primary_key such as [\"id\"]; "

@@ -66,7 +66,8 @@ def available() -> bool:
 
 def binary_encoder(column_types: Sequence[str]) -> Encode | None:
     """An encoder for rows of ``column_types`` (ingest's config names), or None when the
-    extension is missing or a type has no C encoding (numeric: asyncpg encodes those tables)."""
+    extension is missing or a type has no C encoding (numeric and numeric[]: asyncpg encodes
+    those tables). Arrays are lists of the element type's values, NULL items as None."""
     if not _KIND or any(kind not in _KIND for kind in column_types):
         return None
     codes = bytes(_KIND[kind] for kind in column_types)
@@ -222,7 +223,8 @@ class RecordEncoder:
         columns: list[tuple[tuple[str, ...] | None, int, bool]] = []
         for name, column in table.columns.items():
             steps = _plain_steps(column.path)
-            if steps is None or column.type not in _KIND:
+            # Arrays: the typed decoder builds the lists and encode() writes them.
+            if steps is None or column.type not in _KIND or column.type.endswith("[]"):
                 return None
             required = name in required_keys or not column.nullable
             columns.append((steps, _KIND[column.type], required))

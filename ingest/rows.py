@@ -169,6 +169,30 @@ def _jsonb(value: Any) -> str:
     return encoded.decode()
 
 
+def _array(item: Converter) -> Converter:
+    """A list whose items all convert by ``item`` (the scalar type's rules); None items stay."""
+
+    def convert(value: Any) -> list[Any]:
+        if type(value) is not list:
+            raise ValueError(f"{type(value).__name__} is not a list")
+        converted: list[Any] = []
+        append = converted.append
+        for position, element in enumerate(value):
+            if element is None:
+                append(None)
+                continue
+            try:
+                append(item(element))
+            except Exception as exc:  # the item's failure, named by its position
+                raise ValueError(f"item {position}: {_reason(exc)}") from None
+        return converted
+
+    return convert
+
+
+#: The scalar types an array column may hold (``text[]`` ... ``timestamptz[]``).
+ARRAY_ITEM_TYPES = ("text", "bigint", "integer", "double", "numeric", "boolean", "timestamptz")
+
 CONVERTERS: dict[str, Converter] = {
     "text": _text,
     "bigint": _integer(INT64),
@@ -180,6 +204,7 @@ CONVERTERS: dict[str, Converter] = {
     "date": _date,
     "jsonb": _jsonb,
 }
+CONVERTERS.update({f"{kind}[]": _array(CONVERTERS[kind]) for kind in ARRAY_ITEM_TYPES})
 
 POSTGRES_TYPES: dict[str, str] = {
     "text": "text",
@@ -192,6 +217,7 @@ POSTGRES_TYPES: dict[str, str] = {
     "date": "date",
     "jsonb": "jsonb",
 }
+POSTGRES_TYPES.update({f"{kind}[]": f"{POSTGRES_TYPES[kind]}[]" for kind in ARRAY_ITEM_TYPES})
 
 
 class RowBuilder:

@@ -93,6 +93,25 @@ def column_expression(path: str, kind: str, parameters: Parameters, element: str
     node = f"({element} #> {steps})"
     text = f"({element} #>> {steps})"
     pg_type = POSTGRES_TYPES[kind]
+    if kind.endswith("[]"):
+        # Each item read as the scalar column would read it (so the scalar's exactness and its
+        # deliberate failures carry over); a value that is not a list fails, as in Python.
+        item = column_expression("", kind.removesuffix("[]"), parameters, "a.x")
+        if kind == "text[]":  # an object or list item: Python writes orjson's spelling of it
+            nested = "an object or list item in a text[] column"
+            item = (
+                "CASE WHEN jsonb_typeof(a.x) IN ('object', 'array') "
+                f"THEN {_fails('a.x::text', 'text', nested, parameters)} ELSE {item} END"
+            )
+        why = f"not a list for a {kind} column"
+        return (
+            f"CASE coalesce(jsonb_typeof({node}), 'null') WHEN 'null' THEN NULL "
+            f"WHEN 'array' THEN coalesce("
+            f"(SELECT array_agg({item} ORDER BY a.n) "
+            f"FROM jsonb_array_elements({node}) WITH ORDINALITY AS a(x, n)), "
+            f"'{{}}'::{pg_type}) "
+            f"ELSE {_fails(text, pg_type, why, parameters)} END"
+        )
     if kind == "jsonb":
         return f"NULLIF({node}, 'null'::jsonb)"
     if kind == "text":

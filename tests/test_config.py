@@ -86,6 +86,11 @@ def test_missing_environment_variable_names_it() -> None:
             ('primary_key = ["id"]', "mode = 'merge'"),
             "mode 'merge' (the default) needs a primary_key",
         ),
+        (('type = "bigint"', 'type = "bigint[]"'), "primary_key column 'id' cannot be an array"),
+        (
+            ('type = "numeric"', 'type = "numeric[][]"'),
+            "endpoint orders: table.columns.total.type: expected one of: text, bigint",
+        ),
         (('base_url = "https://api.example.com/v1/"', 'base_url = "ftp://x"'), "base_url"),
         (("[[endpoints]]", "[[endpoint]]"), "unknown top-level key 'endpoint'"),
         (

@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 
 from ingest import copyenc
-from ingest.config import Table
+from ingest.config import Endpoint, Table
 from ingest.pgcodecs import install_codecs
 from ingest.rows import POSTGRES_TYPES
 from ingest.sink import TableSink
@@ -118,6 +118,85 @@ async def test_same_table_as_asyncpg(database: str) -> None:
         await connection.close()
 
 
+#: Array columns (``text[]`` ...): lists of each element kind's values, with NULL items, empty.
+ARRAY_KINDS = ["text", "bigint", "integer", "double", "boolean", "timestamptz"]
+
+
+def _array_rows() -> list[tuple[Any, ...]]:
+    rows: list[tuple[Any, ...]] = [
+        (0, *([] for _ in ARRAY_KINDS)),
+        (1, *([None] for _ in ARRAY_KINDS)),
+        (2, *(None for _ in ARRAY_KINDS)),
+        (3, *(list(VALUES[kind]) for kind in ARRAY_KINDS)),
+        (4, *([None, *VALUES[kind][:2], None] for kind in ARRAY_KINDS)),
+    ]
+    return rows
+
+
+async def test_same_array_table_as_asyncpg(database: str) -> None:
+    connection = await asyncpg.connect(database)
+    try:
+        await install_codecs(connection)
+        definition = ", ".join(["n integer", *(f"c_{kind} {SQL[kind]}[]" for kind in ARRAY_KINDS)])
+        for table in ("by_asyncpg", "by_c"):
+            await connection.execute(f"CREATE TABLE {table} ({definition})")
+        rows = _array_rows()
+        await connection.copy_records_to_table("by_asyncpg", records=rows)
+        encode = copyenc.binary_encoder(["integer", *(f"{kind}[]" for kind in ARRAY_KINDS)])
+        assert encode is not None
+        data = encode(rows)
+        assert data is not None
+
+        async def source() -> Any:
+            yield data
+
+        await connection.copy_to_table("by_c", source=source(), format="binary")
+        stock = await _table_text(connection, "by_asyncpg")
+        assert await _table_text(connection, "by_c") == stock
+        assert stock[0] == "(0,{},{},{},{},{},{})"
+        assert stock[1] == "(1,{NULL},{NULL},{NULL},{NULL},{NULL},{NULL})"
+    finally:
+        await connection.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "value"),
+    [
+        ("bigint[]", (1, 2)),  # a tuple: asyncpg's rules
+        ("bigint[]", [1, "2"]),
+        ("bigint[]", [2**63]),
+        ("integer[]", [2**31]),
+        ("text[]", [b"x"]),
+        ("text[]", "abc"),
+        ("text[]", [["nested"]]),  # asyncpg would make it two-dimensional
+        ("timestamptz[]", [dt.datetime(2026, 1, 1, 12)]),  # naive
+        ("boolean[]", [1]),
+        ("double[]", [1]),
+    ],
+)
+def test_declines_arrays_asyncpg_should_decide(kind: str, value: Any) -> None:
+    encode = copyenc.binary_encoder(["bigint", kind])
+    assert encode is not None
+    assert encode([(1, None), (2, value)]) is None
+    assert encode([(1, [None])]) is not None
+
+
+def test_no_array_kinds_for_the_record_encoder() -> None:
+    """JSON records with array columns are converted in Python, then encoded by encode()."""
+    endpoint = Endpoint.model_validate(
+        {
+            "name": "items",
+            "path": "/items",
+            "table": {
+                "name": "items",
+                "mode": "append",
+                "columns": {"tags": {"path": "tags", "type": "text[]"}},
+            },
+        }
+    )
+    assert copyenc.RecordEncoder.for_endpoint(endpoint) is None
+
+
 NAIVE = dt.datetime(2026, 1, 1, 12)
 
 
@@ -169,6 +248,7 @@ def test_declines_rows_that_are_not_tuples_of_the_right_width() -> None:
 
 def test_no_encoder_for_numeric_columns() -> None:
     assert copyenc.binary_encoder(["bigint", "numeric"]) is None
+    assert copyenc.binary_encoder(["bigint", "numeric[]"]) is None
 
 
 def _table(**overrides: Any) -> Table:
@@ -236,7 +316,8 @@ async def test_sink_lets_asyncpg_encode_for_a_target_of_other_types(database: st
 
 
 def test_every_config_type_but_numeric_has_a_c_encoding() -> None:
-    assert set(POSTGRES_TYPES) - set(KINDS) == {"numeric"}
+    arrays = {f"{kind}[]" for kind in ARRAY_KINDS}
+    assert set(POSTGRES_TYPES) - set(KINDS) - arrays == {"numeric", "numeric[]"}
     assert list(VALUES) == KINDS
 
 

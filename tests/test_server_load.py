@@ -266,6 +266,94 @@ async def test_values_python_reads_differently_take_the_python_path(
     assert [row["id"] for row in rows] == [1, 2, 3, 5, 6]
 
 
+#: One array column of every element type.
+ARRAY_COLUMNS: dict[str, dict[str, str]] = {
+    "id": {"path": "id", "type": "bigint"},
+    **{
+        f"a_{kind}": {"path": f"a_{kind}", "type": f"{kind}[]"}
+        for kind in ("text", "bigint", "integer", "double", "numeric", "boolean", "timestamptz")
+    },
+}
+
+
+def array_records(count: int) -> list[dict[str, Any]]:
+    """Lists of each type (NULL items, empty lists, missing and null values among them)."""
+    records: list[dict[str, Any]] = []
+    for index in range(1, count + 1):
+        record: dict[str, Any] = {
+            "id": index,
+            "a_text": [f"t{index}", None, TRICKY_TEXT[index % len(TRICKY_TEXT)]],
+            "a_bigint": [index, 2**62, -index] if index % 3 else [],
+            "a_integer": [index, None],
+            "a_double": [index * 0.5, -1.25],
+            "a_numeric": [f"{index}.10", index, None],
+            "a_boolean": [True, False, None] if index % 2 else None,
+            "a_timestamptz": [f"2024-03-{index % 28 + 1:02d}T10:00:00+02:00", None],
+        }
+        if index % 5 == 0:
+            del record["a_integer"]
+        records.append(record)
+    return records
+
+
+@pytest.mark.parametrize("mode", ["merge", "append"])
+async def test_array_columns_give_the_same_table_as_python_load(
+    database: str, db: Connection, mode: str
+) -> None:
+    records = array_records(40)
+    rows = await load_both(
+        lambda: page_number_app(records),
+        database,
+        db,
+        mode=mode,
+        columns=ARRAY_COLUMNS,
+        records_path="data.items",
+        params={"per_page": 9},
+        pagination={"style": "page_number", "total_path": "meta.total"},
+    )
+    assert [row["id"] for row in rows] == list(range(1, 41))
+    first = rows[0]
+    assert first["a_text"] == ["t1", None, TRICKY_TEXT[1]]
+    assert first["a_bigint"] == [1, 2**62, -1]
+    assert rows[2]["a_bigint"] == []
+    assert first["a_double"] == [0.5, -1.25]
+    assert [str(value) for value in first["a_numeric"][:2]] == ["1.10", "1"]
+    assert first["a_boolean"] == [True, False, None] and rows[1]["a_boolean"] is None
+    assert first["a_timestamptz"] == [dt.datetime(2024, 3, 2, 8, tzinfo=dt.UTC), None]
+    assert rows[4]["a_integer"] is None
+
+
+async def test_array_values_that_do_not_fit_are_dead_letters_in_both_paths(
+    database: str, db: Connection
+) -> None:
+    """Not a list, an item that does not convert, a nested list in text[] (Python's text)."""
+    records = array_records(6)
+    records[0]["a_bigint"] = "1,2"
+    records[1]["a_integer"] = [1, "x"]
+    records[2]["a_timestamptz"] = [1_700_000_000]  # epoch: Python reads it, server defers
+    records[3]["a_text"] = [["a", "b"], {"k": 1}]
+    records[4]["a_boolean"] = [True, 2]
+    await load_both(
+        lambda: page_number_app(records),
+        database,
+        db,
+        fallbacks=None,
+        columns=ARRAY_COLUMNS,
+        records_path="data.items",
+        params={"per_page": 6},
+        pagination={"style": "page_number", "total_path": "meta.total"},
+    )
+    rows = await rows_of(db, "items_python")
+    assert [row["id"] for row in rows] == [3, 4, 6]
+    assert rows[0]["a_timestamptz"] == [dt.datetime.fromtimestamp(1_700_000_000, dt.UTC)]
+    assert rows[1]["a_text"] == ['["a","b"]', '{"k":1}']
+    assert [error for _, error in await dead_letters(db, "src_python")] == [
+        "column a_bigint: str is not a list",
+        "column a_integer: item 1: 'x' is not an integer",
+        "column a_boolean: item 1: 2 is not a boolean",
+    ]
+
+
 async def test_a_single_object_page_is_one_record(database: str, db: Connection) -> None:
     def factory() -> web.Application:
         async def handler(request: web.Request) -> web.Response:
