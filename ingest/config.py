@@ -161,7 +161,11 @@ class PageNumberPagination(_Frozen):
     total_pages_path: str | None = None
     total_pages_header: str | None = None
     has_more_path: str | None = None
+    #: The body names the next page's number (``{"next": 3}``); absent or null: the last page.
+    next_page_path: str | None = None
     stop_on_empty: bool = True
+    #: "body": ``page_param``/``page_size_param`` are dotted paths into the POST body.
+    location: Literal["query", "body"] = "query"
 
 
 class OffsetPagination(_Frozen):
@@ -176,6 +180,8 @@ class OffsetPagination(_Frozen):
     total_header: str | None = None
     has_more_path: str | None = None
     stop_on_empty: bool = True
+    #: "body": ``offset_param``/``limit_param`` are dotted paths into the POST body.
+    location: Literal["query", "body"] = "query"
 
 
 class CursorPagination(_Frozen):
@@ -186,6 +192,8 @@ class CursorPagination(_Frozen):
     cursor_param: str = "cursor"
     has_more_path: str | None = None
     stop_on_empty: bool = True
+    #: "body": ``cursor_param`` is a dotted path into the POST body (``variables.after``).
+    location: Literal["query", "body"] = "query"
 
 
 class NextUrlPagination(_Frozen):
@@ -195,6 +203,9 @@ class NextUrlPagination(_Frozen):
     next_url_path: str
     has_more_path: str | None = None
     stop_on_empty: bool = True
+    #: Send the endpoint's query parameters with every next URL too (those the URL lacks), for
+    #: servers whose next URLs drop them. Default: the next URL is requested as given.
+    carry_params: bool = False
 
 
 class LinkHeaderPagination(_Frozen):
@@ -203,6 +214,8 @@ class LinkHeaderPagination(_Frozen):
     style: Literal["link_header"]
     rel: str = "next"
     stop_on_empty: bool = True
+    #: As for next_url: send the endpoint's query parameters with every ``Link`` target too.
+    carry_params: bool = False
 
 
 class SinglePage(_Frozen):
@@ -269,6 +282,9 @@ class Endpoint(_Frozen):
     name: str
     path: str
     params: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    #: "POST": every page is a POST with ``body`` (a JSON template) as its JSON body.
+    method: Literal["GET", "POST"] = "GET"
+    body: dict[str, Any] | None = None
     records_path: str = ""
     pagination: Pagination = SinglePage(style="single")
     incremental: Incremental | None = None
@@ -287,6 +303,14 @@ class Endpoint(_Frozen):
     @classmethod
     def _name(cls, value: str) -> str:
         return check_identifier(value, "endpoint name")
+
+    @model_validator(mode="after")
+    def _method(self) -> Endpoint:
+        if self.body is not None and self.method != "POST":
+            raise ValueError('body needs method = "POST"')
+        if getattr(self.pagination, "location", "query") == "body" and self.method != "POST":
+            raise ValueError('pagination.location = "body" needs method = "POST"')
+        return self
 
     @model_validator(mode="after")
     def _placeholders(self) -> Endpoint:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
-from urllib.parse import urljoin
+from urllib.parse import parse_qsl, urljoin, urlsplit
 
 from ingest.config import (
     CursorPagination,
@@ -79,6 +79,39 @@ def _reported(page: Page, getter: Callable[[Any], Any] | None, header: str | Non
     return None
 
 
+class _Place:
+    """Where a style puts its page/offset/cursor: query parameters, or (``location = "body"``)
+    values at dotted paths in the POST body, sent as JSON numbers or as read (cursors)."""
+
+    def __init__(self, location: str) -> None:
+        self.in_body = location == "body"
+
+    def get(self, request: PageRequest, name: str) -> Any:
+        return request.body_value(name) if self.in_body else request.param(name)
+
+    def set(self, request: PageRequest, values: dict[str, Any]) -> PageRequest:
+        if not self.in_body:
+            return request.with_params(**values)
+        for name, value in values.items():
+            try:
+                request = request.with_body_value(name, value)
+            except ValueError as exc:
+                raise PaginationError(str(exc)) from None
+        return request
+
+
+def _next_request(page: Page, target: str, carry_params: bool) -> PageRequest:
+    """The request for a next URL the server named: its own query string, the page's method
+    and body, and with ``carry_params`` the page's query parameters the URL does not have."""
+    url = urljoin(page.response.url, target)
+    request = PageRequest(url, (), page.request.method, page.request.body)
+    if not carry_params:
+        return request
+    present = {name for name, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True)}
+    carried = tuple((name, value) for name, value in page.request.params if name not in present)
+    return replace(request, params=carried)
+
+
 class Speculation:
     """How many pages past the current one a walk without a known total may fetch ahead.
 
@@ -133,6 +166,8 @@ class PageNumberPaginator(_Counting):
             compile_path(config.total_pages_path) if config.total_pages_path else None
         )
         self._has_more = compile_path(config.has_more_path) if config.has_more_path else None
+        self._next_page = compile_path(config.next_page_path) if config.next_page_path else None
+        self._place = _Place(config.location)
         # What the pages so far said about the end; only used to guess requests to prefetch.
         self._known_pages: int | None = None
         # The largest page actually received, never the configured page_size: a server that caps
@@ -144,7 +179,9 @@ class PageNumberPaginator(_Counting):
 
     def predict(self, request: PageRequest, steps: int) -> PageRequest | None:
         """Page ``current + steps``, unless what the pages so far said puts it past the end."""
-        current = lenient_int(request.param(self.config.page_param))
+        if self._next_page is not None:  # the server names the next page: no guessing
+            return None
+        current = lenient_int(self._place.get(request, self.config.page_param))
         target = (self.config.start_page if current is None else current) + steps
         index = target - self.config.start_page
         if self._known_pages is not None:
@@ -159,13 +196,13 @@ class PageNumberPaginator(_Counting):
         return self._page(request, target) if steps <= self.speculation.depth else None
 
     def _page(self, request: PageRequest, number: int) -> PageRequest:
-        return request.with_params(**{self.config.page_param: number})
+        return self._place.set(request, {self.config.page_param: number})
 
     def first_request(self, base: PageRequest) -> PageRequest:
         params: dict[str, Any] = {self.config.page_param: self.config.start_page}
         if self.config.page_size_param and self.config.page_size:
             params[self.config.page_size_param] = self.config.page_size
-        return base.with_params(**params)
+        return self._place.set(base, params)
 
     def next_request(self, page: Page) -> PageRequest | None:
         self.records_seen += len(page.records)
@@ -174,20 +211,37 @@ class PageNumberPaginator(_Counting):
         if not page.records and self.config.stop_on_empty:
             return None
         document = page.response.document
-        if self._has_more and _explicitly_false(self._has_more(document)):
+        has_more = lenient_bool(self._has_more(document)) if self._has_more else None
+        if has_more is False:
             return None
         total = _reported(page, self._total, self.config.total_header)
         self.reported_total = total
         if total is not None and self.records_seen >= total:
             return None
-        current = lenient_int(page.request.param(self.config.page_param))
+        current = lenient_int(self._place.get(page.request, self.config.page_param))
         if current is None:
             current = self.config.start_page
         total_pages = _reported(page, self._total_pages, self.config.total_pages_header)
         self._known_pages = total_pages
         if total_pages is not None and current - self.config.start_page + 1 >= total_pages:
             return None
-        return page.request.with_params(**{self.config.page_param: current + 1})
+        following = current + 1
+        if self._next_page is not None:
+            named = self._next_page(document)
+            if named is MISSING or named is None or str(named).strip() == "":
+                if has_more is True:
+                    raise PaginationError(
+                        f"{self.config.has_more_path} says there are more pages but "
+                        f"{self.config.next_page_path} is empty"
+                    )
+                return None
+            number = None if isinstance(named, bool) else lenient_int(named)
+            if number is None:
+                raise PaginationError(
+                    f"{self.config.next_page_path} is not a page number: {named!r}"
+                )
+            following = number
+        return self._place.set(page.request, {self.config.page_param: following})
 
 
 class OffsetPaginator(_Counting):
@@ -208,26 +262,28 @@ class OffsetPaginator(_Counting):
         self._step: int | None = None
         self._largest_page = 0
         self.speculation = Speculation()
+        self._place = _Place(config.location)
 
     def predict(self, request: PageRequest, steps: int) -> PageRequest | None:
         """Offset ``current + steps * step``, unless what was seen so far puts it past the end."""
         if self._step is None:
             return None
-        current = lenient_int(request.param(self.config.offset_param))
+        current = lenient_int(self._place.get(request, self.config.offset_param))
         target = (self.config.start_offset if current is None else current) + steps * self._step
         if self.reported_total is not None:
             if target >= self.reported_total:
                 return None
         elif steps > self.speculation.depth:
             return None
-        return request.with_params(**{self.config.offset_param: target})
+        return self._place.set(request, {self.config.offset_param: target})
 
     def first_request(self, base: PageRequest) -> PageRequest:
-        return base.with_params(
-            **{
+        return self._place.set(
+            base,
+            {
                 self.config.offset_param: self.config.start_offset,
                 self.config.limit_param: self.config.limit,
-            }
+            },
         )
 
     def next_request(self, page: Page) -> PageRequest | None:
@@ -243,7 +299,7 @@ class OffsetPaginator(_Counting):
         document = page.response.document
         if self._has_more and _explicitly_false(self._has_more(document)):
             return None
-        offset = lenient_int(page.request.param(self.config.offset_param))
+        offset = lenient_int(self._place.get(page.request, self.config.offset_param))
         if offset is None:
             offset = self.config.start_offset
         following = offset + received
@@ -251,7 +307,7 @@ class OffsetPaginator(_Counting):
         self.reported_total = total
         if total is not None and following >= total:
             return None
-        return page.request.with_params(**{self.config.offset_param: following})
+        return self._place.set(page.request, {self.config.offset_param: following})
 
 
 class _BodyReference(_Counting):
@@ -298,9 +354,10 @@ class CursorPaginator(_BodyReference):
     def __init__(self, config: CursorPagination) -> None:
         super().__init__(config.cursor_path, config.has_more_path, config.stop_on_empty)
         self.config = config
+        self._place = _Place(config.location)
 
     def follow(self, page: Page, reference: Any) -> PageRequest:
-        return page.request.with_params(**{self.config.cursor_param: reference})
+        return self._place.set(page.request, {self.config.cursor_param: reference})
 
 
 class NextUrlPaginator(_BodyReference):
@@ -308,12 +365,14 @@ class NextUrlPaginator(_BodyReference):
 
     def __init__(self, config: NextUrlPagination) -> None:
         super().__init__(config.next_url_path, config.has_more_path, config.stop_on_empty)
+        self.config = config
 
     def follow(self, page: Page, reference: Any) -> PageRequest:
         if not isinstance(reference, str):
             raise PaginationError(f"{self.reference_path} is not a URL: {reference!r}")
-        # The next URL carries its own query string: drop our params so they cannot override it.
-        return PageRequest(urljoin(page.response.url, reference.strip()))
+        # The next URL carries its own query string: our params never override it, and are
+        # only sent at all (those it lacks) with carry_params.
+        return _next_request(page, reference.strip(), self.config.carry_params)
 
 
 _LINK = re.compile(r"<([^>]*)>((?:\s*;\s*[^;,]*(?:=\s*(?:\"[^\"]*\"|[^;,]*))?)*)")
@@ -350,7 +409,7 @@ class LinkHeaderPaginator(_Counting):
         target = parse_link_header(page.response.header("link") or "").get(self.config.rel)
         if not target:
             return None
-        return PageRequest(urljoin(page.response.url, target))
+        return _next_request(page, target, self.config.carry_params)
 
 
 class SinglePaginator(_Counting):

@@ -67,7 +67,10 @@ def start_request(base_url: str, endpoint: Endpoint, path: str | None = None) ->
     """The endpoint's first URL and params; ``path`` overrides it (a child's filled path)."""
     path = endpoint.path if path is None else path
     path = path if path.startswith("/") else f"/{path}"
-    return PageRequest(base_url + path).with_params(**endpoint.params)
+    body = None
+    if endpoint.method == "POST":
+        body = orjson.dumps(endpoint.body if endpoint.body is not None else {}).decode()
+    return PageRequest(base_url + path, (), endpoint.method, body).with_params(**endpoint.params)
 
 
 def checkpoint_for(request: PageRequest | None, paginator: Paginator) -> dict[str, Any] | None:

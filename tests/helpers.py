@@ -52,6 +52,7 @@ def config_text(
     endpoint: str = "items",
     path: str = "/items",
     load: str | None = None,
+    endpoint_options: dict[str, Any] | None = None,
 ) -> str:
     """A one-endpoint source config as TOML text."""
     source_table = {"name": "test", "base_url": base_url, **(source or {})}
@@ -70,6 +71,7 @@ def config_text(
         f"records_path = {_toml_value(records_path)}",
         f"params = {_toml_value(params or {})}",
         f"pagination = {_toml_value(pagination)}",
+        *(f"{key} = {_toml_value(value)}" for key, value in (endpoint_options or {}).items()),
         "[endpoints.table]",
         f"name = {_toml_value(table)}",
         f"mode = {_toml_value(mode)}",

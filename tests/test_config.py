@@ -95,7 +95,7 @@ def test_missing_environment_variable_names_it() -> None:
         (("[[endpoints]]", "[[endpoint]]"), "unknown top-level key 'endpoint'"),
         (
             ('path = "/orders"', 'path = "/orders"\ncolour = "red"'),
-            "endpoint orders: unknown key 'colour' (known: incremental, name,",
+            "endpoint orders: unknown key 'colour' (known: body, incremental, method, name,",
         ),
     ],
 )

@@ -183,13 +183,16 @@ class HttpClient:
         """
         url = request.full_url()
         self.is_own(url, endpoint)
+        json_body = request.body.encode() if request.body is not None else None
         used = NO_CREDENTIALS
         refreshed = False
 
         async def attempt() -> HttpResponse:
             nonlocal used
             used = await self.auth.credentials() if self.is_own(url) else NO_CREDENTIALS
-            return await self._attempt("GET", url, endpoint, used, parse=parse)
+            return await self._attempt(
+                request.method, url, endpoint, used, parse=parse, json_body=json_body, page=True
+            )
 
         while True:
             try:
@@ -318,14 +321,25 @@ class HttpClient:
         *,
         form: Mapping[str, str] | None = None,
         parse: ParseBody | None = None,
+        json_body: bytes | None = None,
+        page: bool = False,
     ) -> HttpResponse:
+        """One exchange; ``page``: an endpoint's page (GET, or POST with ``json_body``), else a
+        token request (POST ``form``, only the given headers)."""
         async with self.concurrency.slot() as ticket:
             await self.limiter.acquire()
             ticket.started = time.monotonic()
             status, final_url, headers, body = await self._exchange(
-                method, url, endpoint, credentials, form=form, ticket=ticket
+                method,
+                url,
+                endpoint,
+                credentials,
+                form=form,
+                ticket=ticket,
+                json_body=json_body,
+                page=page,
             )
-            if method == "GET":  # page requests; token requests are not an endpoint's
+            if page:  # token requests are not an endpoint's
                 self.observer.request_finished(
                     endpoint, status=status, seconds=time.monotonic() - ticket.started
                 )
@@ -376,21 +390,30 @@ class HttpClient:
         *,
         form: Mapping[str, str] | None,
         ticket: Ticket,
+        json_body: bytes | None = None,
+        page: bool = False,
     ) -> tuple[int, str, dict[str, str], bytes]:
-        """Send, following redirects hop by hop; returns (status, final URL, headers, body)."""
+        """Send, following redirects hop by hop; returns (status, final URL, headers, body).
+
+        A page POST follows only 307/308 (which keep the method and body); a token request
+        follows none.
+        """
         assert self._session is not None, "HttpClient used outside 'async with'"
         current = url
-        own = method == "GET" and self.is_own(current, endpoint)
+        own = page and self.is_own(current, endpoint)
+        data: Any = form if json_body is None else json_body
         for _ in range(self.settings.max_redirects + 1):
             headers = dict(self._own_headers if own else self._public_headers)
-            if method == "POST":
+            if not page:  # a token request: only the headers it was given
                 headers = {}
-            headers.update(credentials.headers if (own or method == "POST") else {})
+            headers.update(credentials.headers if (own or not page) else {})
+            if json_body is not None:
+                headers["Content-Type"] = "application/json"
             target = _with_query(current, credentials.params) if own else current
             self.requests += 1
             try:
                 async with self._session.request(
-                    method, target, headers=headers, data=form, allow_redirects=False
+                    method, target, headers=headers, data=data, allow_redirects=False
                 ) as response:
                     body = await self._read_capped(response, current, endpoint)
                     status = response.status
@@ -415,7 +438,12 @@ class HttpClient:
                     f"endpoint {endpoint}: not a valid URL: {self.redactor.url(current)}"
                 ) from None
             location = response_headers.get("location")
-            if method != "GET" or status not in REDIRECT_STATUSES or not location:
+            if (
+                not page
+                or status not in REDIRECT_STATUSES
+                or not location
+                or (method != "GET" and status not in (307, 308))
+            ):
                 return status, current, response_headers, body
             following = urljoin(current, location)
             own = own and self.is_own(following, endpoint)
