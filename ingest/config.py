@@ -442,6 +442,12 @@ class BasicAuth(_Frozen):
     password: Secret
 
 
+def _check_token_url(value: str) -> str:
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError(f"token_url {value!r} must start with http:// or https:// and a host")
+    return value
+
+
 class OAuth2ClientCredentials(_Frozen):
     """OAuth 2.0 client credentials grant (RFC 6749 section 4.4); the token is cached."""
 
@@ -459,17 +465,47 @@ class OAuth2ClientCredentials(_Frozen):
     @field_validator("token_url")
     @classmethod
     def _token_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"token_url {value!r} must start with http:// or https:// and a host")
-        return value
+        return _check_token_url(value)
+
+
+class OAuth2RefreshToken(_Frozen):
+    """OAuth 2.0 refresh token grant (RFC 6749 section 6): a long-lived refresh token is traded
+    for access tokens; a new refresh token in the answer (rotation) is used for the next one."""
+
+    style: Literal["oauth2_refresh_token"]
+    token_url: str
+    refresh_token: Secret
+    #: A confidential client's id and secret (sent as ``client_auth`` says); a public client
+    #: gives only ``client_id`` (sent in the form), or neither.
+    client_id: str | None = None
+    client_secret: Secret | None = None
+    scope: str | None = None
+    client_auth: Literal["basic", "body"] = "basic"
+    refresh_margin_seconds: float = Field(default=60.0, ge=0)
+
+    @field_validator("token_url")
+    @classmethod
+    def _token_url(cls, value: str) -> str:
+        return _check_token_url(value)
+
+    @model_validator(mode="after")
+    def _client(self) -> OAuth2RefreshToken:
+        if self.client_secret is not None and not self.client_id:
+            raise ValueError("client_secret needs client_id")
+        return self
 
 
 Auth = Annotated[
-    BearerAuth | ApiKeyHeaderAuth | ApiKeyQueryAuth | BasicAuth | OAuth2ClientCredentials,
+    BearerAuth
+    | ApiKeyHeaderAuth
+    | ApiKeyQueryAuth
+    | BasicAuth
+    | OAuth2ClientCredentials
+    | OAuth2RefreshToken,
     Field(discriminator="style"),
 ]
 #: Fields of the [auth] table that hold credentials; each may also be given as ``<name>_file``.
-AUTH_SECRET_FIELDS = ("token", "key", "password", "client_secret")
+AUTH_SECRET_FIELDS = ("token", "key", "password", "client_secret", "refresh_token")
 
 
 class PipelineSettings(_Frozen):

@@ -50,7 +50,8 @@ def test_the_three_messages_from_the_issue() -> None:
     )
     assert message(tail='[auth]\nstyle = "Bearer"\ntoken = "t"\n') == (
         "gh.toml: auth.style: unknown style 'Bearer'; expected one of: bearer, api_key_header, "
-        "api_key_query, basic, oauth2_client_credentials (did you mean 'bearer'?)"
+        "api_key_query, basic, oauth2_client_credentials, oauth2_refresh_token "
+        "(did you mean 'bearer'?)"
     )
 
 

@@ -5,10 +5,12 @@ decides that); it never sees requests to other hosts. Every secret it holds or o
 fetched OAuth2 access token included) is registered with the run's redactor first, so it is
 scrubbed from logs and errors wherever it might surface.
 
-OAuth2 client credentials (RFC 6749 section 4.4): the token is fetched on first use, cached,
-refreshed ``refresh_margin_seconds`` before ``expires_in`` runs out, and refreshed once when the
-API answers 401 (a revoked or rotated token). Concurrent requests share one refresh: a refresh
-asked for a token that has already been replaced is a no-op.
+OAuth2 client credentials (RFC 6749 section 4.4) and refresh token (section 6) grants: the
+access token is fetched on first use, cached, refreshed ``refresh_margin_seconds`` before
+``expires_in`` runs out, and refreshed once when the API answers 401 (a revoked or rotated
+token). Concurrent requests share one refresh: a refresh asked for a token that has already been
+replaced is a no-op. With the refresh token grant, a new refresh token in the token response
+(rotation) replaces the configured one for the rest of the run; it is a secret like the first.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ingest.config import (
     BasicAuth,
     BearerAuth,
     OAuth2ClientCredentials,
+    OAuth2RefreshToken,
 )
 from ingest.errors import SourceError
 from ingest.secrets import Redactor, Secret
@@ -81,14 +84,26 @@ class NoAuth(StaticAuth):
 
 
 class OAuth2Auth:
-    """Client credentials grant with a cached, proactively refreshed access token."""
+    """Client credentials or refresh token grant, with a cached, proactively refreshed access
+    token."""
 
     refreshable = True
 
-    def __init__(self, config: OAuth2ClientCredentials, redactor: Redactor, post: TokenPoster):
+    def __init__(
+        self,
+        config: OAuth2ClientCredentials | OAuth2RefreshToken,
+        redactor: Redactor,
+        post: TokenPoster,
+    ):
         self.config = config
         self.redactor = redactor
         self._post = post
+        #: The refresh token the next refresh sends (rotated ones replace it).
+        self._refresh_token = (
+            config.refresh_token if isinstance(config, OAuth2RefreshToken) else None
+        )
+        #: Refresh tokens the server rotated in this run; tests and logs read it.
+        self.rotations = 0
         self._token: Secret | None = None
         self._version = 0
         self._expires_at: float | None = None
@@ -113,22 +128,35 @@ class OAuth2Auth:
     def _expiring(self) -> bool:
         return self._expires_at is not None and time.monotonic() >= self._expires_at
 
-    async def _fetch(self, why: str) -> None:
+    def _request(self) -> tuple[dict[str, str], dict[str, str]]:
+        """The token request's headers and form for this grant (client authentication too)."""
         config = self.config
-        form = {"grant_type": "client_credentials"}
         headers: dict[str, str] = {}
-        secret = config.client_secret.reveal()
-        if config.client_auth == "basic":
-            pair = f"{config.client_id}:{secret}".encode()
-            basic = "Basic " + base64.b64encode(pair).decode()
-            self.redactor.add(Secret(basic))
-            headers["Authorization"] = basic
+        if isinstance(config, OAuth2RefreshToken):
+            assert self._refresh_token is not None
+            form = {"grant_type": "refresh_token", "refresh_token": self._refresh_token.reveal()}
+            if config.client_id and config.client_secret is None:  # a public client
+                form["client_id"] = config.client_id
         else:
-            form |= {"client_id": config.client_id, "client_secret": secret}
+            form = {"grant_type": "client_credentials"}
+            if config.audience:
+                form["audience"] = config.audience
+        if config.client_id and config.client_secret is not None:
+            secret = config.client_secret.reveal()
+            if config.client_auth == "basic":
+                pair = f"{config.client_id}:{secret}".encode()
+                basic = "Basic " + base64.b64encode(pair).decode()
+                self.redactor.add(Secret(basic))
+                headers["Authorization"] = basic
+            else:
+                form |= {"client_id": config.client_id, "client_secret": secret}
         if config.scope:
             form["scope"] = config.scope
-        if config.audience:
-            form["audience"] = config.audience
+        return headers, form
+
+    async def _fetch(self, why: str) -> None:
+        config = self.config
+        headers, form = self._request()
         document = await self._post(config.token_url, headers, form)
         token = document.get("access_token") if isinstance(document, dict) else None
         if not isinstance(token, str) or not token:
@@ -138,6 +166,13 @@ class OAuth2Auth:
                 f"access_token (keys: {keys})"
             )
         self.redactor.add(Secret(token))
+        current = self._refresh_token
+        rotated = document.get("refresh_token") if current is not None else None
+        if isinstance(rotated, str) and rotated and current and rotated != current.reveal():
+            self.redactor.add(Secret(rotated))  # before anything could log it
+            self._refresh_token = Secret(rotated)
+            self.rotations += 1
+            log.info("oauth2_refresh_token_rotated", rotations=self.rotations)
         self._token = Secret(token)
         self._version += 1
         self.fetches += 1
@@ -178,5 +213,10 @@ def make_authenticator(auth: Auth | None, redactor: Redactor, post: TokenPoster)
             return StaticAuth({"Authorization": basic}, {})
         case OAuth2ClientCredentials():
             redactor.add(auth.client_secret)
+            return OAuth2Auth(auth, redactor, post)
+        case OAuth2RefreshToken():
+            redactor.add(auth.refresh_token)
+            if auth.client_secret is not None:
+                redactor.add(auth.client_secret)
             return OAuth2Auth(auth, redactor, post)
     raise AssertionError(f"unhandled auth style {auth!r}")
