@@ -217,59 +217,20 @@ static int put_date(buffer *out, int year, int month, int day) {
     return 0;
 }
 
-static int put_value(buffer *out, int kind, PyObject *value);
-
-/* A one-dimensional array (a list), in asyncpg's layout: ndims 1, flags 0, the element oid,
- * the length with lower bound 1, then each element as a field (NULL as -1). */
-static int put_array(buffer *out, int element, PyObject *value) {
-    if (!PyList_CheckExact(value)) return 1;
-    if (reserve(out, 24) < 0) return -1;
-    size_t start = out->size;
-    out->size += 4; /* the field's length, written below */
-    put_u32(out, 1);
-    put_u32(out, 0);
-    put_u32(out, ELEMENT_OID[element]);
-    /* A Python converter's own list, but a tzinfo's utcoffset() is Python code: hold it. */
-    Py_INCREF(value);
-    Py_ssize_t length = PyList_GET_SIZE(value);
-    if (length > INT32_MAX / 4) { /* more than PostgreSQL's MaxAllocSize of NULLs anyway */
-        Py_DECREF(value);
-        return 1;
-    }
-    put_u32(out, (uint32_t)length);
-    put_u32(out, 1);
-    int status = 0;
-    for (Py_ssize_t index = 0; index < length && status == 0; index++) {
-        if (index >= PyList_GET_SIZE(value)) {
-            status = 1; /* changed under us: asyncpg decides */
-            break;
-        }
-        PyObject *item = PyList_GET_ITEM(value, index);
-        Py_INCREF(item);
-        status = put_value(out, element, item);
-        Py_DECREF(item);
-    }
-    if (status == 0 && PyList_GET_SIZE(value) != length) status = 1;
-    Py_DECREF(value);
-    if (status != 0) return status;
-    size_t total = out->size - start - 4;
-    if (total > INT32_MAX) return 1;
-    uint32_t big = (uint32_t)total;
-    out->data[start] = (char)(big >> 24);
-    out->data[start + 1] = (char)(big >> 16);
-    out->data[start + 2] = (char)(big >> 8);
-    out->data[start + 3] = (char)big;
-    return 0;
-}
+/* Inlined into encode()'s row loop (its hot path), even now that put_array calls it too. */
+#if defined(__GNUC__) || defined(__clang__)
+#define HOT_INLINE inline __attribute__((always_inline))
+#else
+#define HOT_INLINE inline
+#endif
 
 /* One value; 0 = written, 1 = refuse (asyncpg decides), -1 = error set. */
-static int put_value(buffer *out, int kind, PyObject *value) {
+static HOT_INLINE int put_value(buffer *out, int kind, PyObject *value) {
     if (value == Py_None) {
         if (reserve(out, 4) < 0) return -1;
         put_u32(out, UINT32_C(0xFFFFFFFF));
         return 0;
     }
-    if (kind & K_ARRAY) return put_array(out, kind & ~K_ARRAY, value);
     switch (kind) {
     case K_TEXT:
     case K_JSONB: {
@@ -328,6 +289,49 @@ static int put_value(buffer *out, int kind, PyObject *value) {
     }
 }
 
+/* A one-dimensional array (a list), in asyncpg's layout: ndims 1, flags 0, the element oid,
+ * the length with lower bound 1, then each element as a field (NULL as -1). */
+static int put_array(buffer *out, int element, PyObject *value) {
+    if (!PyList_CheckExact(value)) return 1;
+    if (reserve(out, 24) < 0) return -1;
+    size_t start = out->size;
+    out->size += 4; /* the field's length, written below */
+    put_u32(out, 1);
+    put_u32(out, 0);
+    put_u32(out, ELEMENT_OID[element]);
+    /* A Python converter's own list, but a tzinfo's utcoffset() is Python code: hold it. */
+    Py_INCREF(value);
+    Py_ssize_t length = PyList_GET_SIZE(value);
+    if (length > INT32_MAX / 4) { /* more than PostgreSQL's MaxAllocSize of NULLs anyway */
+        Py_DECREF(value);
+        return 1;
+    }
+    put_u32(out, (uint32_t)length);
+    put_u32(out, 1);
+    int status = 0;
+    for (Py_ssize_t index = 0; index < length && status == 0; index++) {
+        if (index >= PyList_GET_SIZE(value)) {
+            status = 1; /* changed under us: asyncpg decides */
+            break;
+        }
+        PyObject *item = PyList_GET_ITEM(value, index);
+        Py_INCREF(item);
+        status = put_value(out, element, item);
+        Py_DECREF(item);
+    }
+    if (status == 0 && PyList_GET_SIZE(value) != length) status = 1;
+    Py_DECREF(value);
+    if (status != 0) return status;
+    size_t total = out->size - start - 4;
+    if (total > INT32_MAX) return 1;
+    uint32_t big = (uint32_t)total;
+    out->data[start] = (char)(big >> 24);
+    out->data[start + 1] = (char)(big >> 16);
+    out->data[start + 2] = (char)(big >> 8);
+    out->data[start + 3] = (char)big;
+    return 0;
+}
+
 static const char SIGNATURE[11] = {'P', 'G', 'C', 'O', 'P', 'Y', '\n', '\xff', '\r', '\n', '\0'};
 
 PyDoc_STRVAR(encode_doc,
@@ -345,6 +349,7 @@ static PyObject *encode(PyObject *module, PyObject *args) {
     }
     Py_ssize_t columns = PyBytes_GET_SIZE(kinds_arg);
     const unsigned char *kinds = (const unsigned char *)PyBytes_AS_STRING(kinds_arg);
+    int arrays = 0; /* any array column: the scalar-only loop below stays as it was */
     if (columns > 1600) { /* PostgreSQL's own limit; the tuple header is 16 bits */
         PyErr_SetString(PyExc_ValueError, "more than 1600 columns");
         return NULL;
@@ -354,6 +359,7 @@ static PyObject *encode(PyObject *module, PyObject *args) {
             PyErr_Format(PyExc_ValueError, "unknown column kind %d", (int)kinds[column]);
             return NULL;
         }
+        if (kinds[column] & K_ARRAY) arrays = 1;
     }
     /* A tuple of our own, not the caller's list: a tzinfo's utcoffset() is Python code that
        may empty or change that list while its rows and values are in use here. */
@@ -384,6 +390,19 @@ static PyObject *encode(PyObject *module, PyObject *args) {
             break;
         }
         put_u16(&out, (uint16_t)columns);
+        if (arrays) {
+            for (Py_ssize_t column = 0; column < columns; column++) {
+                int kind = kinds[column];
+                PyObject *value = PyTuple_GET_ITEM(row, column);
+                if ((kind & K_ARRAY) && value != Py_None) {
+                    status = put_array(&out, kind & ~K_ARRAY, value);
+                } else {
+                    status = put_value(&out, kind, value);
+                }
+                if (status != 0) break;
+            }
+            continue;
+        }
         for (Py_ssize_t column = 0; column < columns; column++) {
             status = put_value(&out, kinds[column], PyTuple_GET_ITEM(row, column));
             if (status != 0) break;
