@@ -430,3 +430,16 @@ def test_a_post_request_round_trips_through_checkpoint_state() -> None:
     assert PageRequest.from_state(plain.to_state()) == plain
     with pytest.raises(ValueError, match="not an object"):
         request.with_body_value("q.x.y", 1)
+
+
+async def test_validate_probes_a_post_endpoint_with_its_body(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    app = graphql_app(RECORDS)
+    async with serve(app) as base:
+        config = tmp_path / "graphql.toml"
+        config.write_text(config_text(base, **graphql_options()))
+        code, output = await run_cli(["validate", str(config)], cli_env, tmp_path, "validate")
+    assert code == ExitCode.OK, output
+    assert "1 endpoint(s) answered" in output
+    assert app[BODIES] == [{"query": GRAPHQL_QUERY, "variables": {"first": 5}}]
