@@ -315,6 +315,38 @@ async def test_sink_lets_asyncpg_encode_for_a_target_of_other_types(database: st
         await connection.close()
 
 
+async def test_sink_creates_array_columns_and_encodes_them_in_c(database: str) -> None:
+    """The table ingest creates has the array types, so the C encoder's bytes are used."""
+    columns = {"id": {"path": "id", "type": "bigint"}}
+    columns |= {f"a_{kind}": {"path": kind, "type": f"{kind}[]"} for kind in ARRAY_KINDS}
+    sink = TableSink(_table(columns=columns))
+    connection = await asyncpg.connect(database)
+    try:
+        await install_codecs(connection)
+        await sink.ensure(connection)
+        rows = _array_rows()
+        async with connection.transaction():
+            await sink.write(connection, rows)
+        assert await sink.target_matches(connection)
+        types = await connection.fetch(
+            "SELECT atttypid::regtype::text AS type FROM pg_attribute "
+            "WHERE attrelid = 'public.people'::regclass AND attnum > 0 ORDER BY attnum"
+        )
+        assert [row["type"] for row in types][: len(columns)] == [
+            "bigint",
+            *(
+                f"{SQL[kind]}[]".replace("timestamptz", "timestamp with time zone")
+                for kind in ARRAY_KINDS
+            ),
+        ]
+        stored = await connection.fetch(
+            f"SELECT {', '.join(columns)} FROM public.people ORDER BY id"
+        )
+        assert [tuple(row) for row in stored][:3] == rows[:3]
+    finally:
+        await connection.close()
+
+
 def test_every_config_type_but_numeric_has_a_c_encoding() -> None:
     arrays = {f"{kind}[]" for kind in ARRAY_KINDS}
     assert set(POSTGRES_TYPES) - set(KINDS) - arrays == {"numeric", "numeric[]"}
