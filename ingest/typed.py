@@ -67,6 +67,17 @@ _NATIVE: dict[str, Any] = {
     "date": dt.date,
 }
 
+#: Arrays whose items msgspec decodes exactly as :func:`ingest.rows._array` converts them (NULL
+#: items kept). Only in the strict variant: once a page sent a string where a number or flag
+#: belongs, the lenient variant leaves these arrays to the Python converter, item by item.
+_NATIVE_ARRAYS: dict[str, Any] = {
+    "text[]": list[str | None],
+    "bigint[]": list[Annotated[int, msgspec.Meta(ge=INT64[0], le=INT64[1])] | None],
+    "integer[]": list[Annotated[int, msgspec.Meta(ge=INT32[0], le=INT32[1])] | None],
+    "double[]": list[float | None],
+    "boolean[]": list[bool | None],
+}
+
 #: Types whose values APIs often send as JSON strings ("42", "true"). The strict variant refuses a
 #: string there; once a page shows one, the endpoint switches to a lenient variant that accepts
 #: ``T | str`` and converts each string with the Python path's converter (exact same rules).
@@ -393,12 +404,20 @@ class TypedPages:
         if leaf.plain_json:
             return Any, False
         index = leaf.columns[0]
-        native = _NATIVE.get(self._types[index])
+        native = self._native(self._types[index], lenient)
         if native is None:
             return Any, False
         if lenient and self._types[index] in _STRINGS_TOO:
             native = native | str
         return native, self._required[index]
+
+    @staticmethod
+    def _native(kind: str, lenient: bool) -> Any:
+        """The msgspec type a column of ``kind`` decodes to as is, or None (plain JSON)."""
+        native = _NATIVE.get(kind)
+        if native is None and not lenient:
+            native = _NATIVE_ARRAYS.get(kind)
+        return native
 
     def _envelope(self, node: _Node, steps: list[str], items: Any) -> Any:
         """The page struct: the records at ``steps`` plus the paginator's keys (plain JSON)."""
@@ -449,7 +468,10 @@ class TypedPages:
                     if child.cursor_rest is not None:
                         namespace["cursor_rest"] = child.cursor_rest
                         cursor_value = f"cursor_rest({target})"
-                native = not child.plain_json and self._types[child.columns[0]] in _NATIVE
+                native = (
+                    not child.plain_json
+                    and self._native(self._types[child.columns[0]], lenient) is not None
+                )
                 for index, rest in child.extractors:
                     namespace[f"slow{index}"] = self._slow[index]
                     namespace[f"rest{index}"] = rest

@@ -364,3 +364,32 @@ async def test_pipeline_writes_the_same_tables_either_way(database: str, db: Any
     assert [row["endpoint"] for row in dead] == ["typed_off", "typed_on", "typed_writers"]
     assert [len(row["errors"]) for row in dead] == [400 - count] * 3
     assert dead[0]["errors"] == dead[1]["errors"] == dead[2]["errors"]
+
+
+def test_arrays_decode_natively_and_strings_in_them_take_the_converter() -> None:
+    """Lists of text/bigint/integer/double/boolean are msgspec's (no per-item Python call);
+    numbers sent as strings switch to the lenient variant, which converts them item by item."""
+    columns = {
+        "id": {"path": "id", "type": "bigint"},
+        "tags": {"path": "tags", "type": "text[]"},
+        "sizes": {"path": "sizes", "type": "bigint[]"},
+        "flags": {"path": "flags", "type": "boolean[]"},
+        "moments": {"path": "moments", "type": "timestamptz[]"},
+    }
+    endpoint = make_config(
+        "http://127.0.0.1:1", records_path="data", pagination={"style": "single"}, columns=columns
+    ).source.endpoints[0]
+    typed = TypedPages(endpoint)
+    builder = RowBuilder(endpoint.table)
+    records = [
+        {"id": 1, "tags": ["a", None], "sizes": [1, 2], "flags": [], "moments": None},
+        {"id": 2, "tags": [], "sizes": None, "flags": [False], "moments": ["2024-01-02"]},
+    ]
+    document = typed(orjson.dumps({"data": records}))
+    assert typed.typed_pages == 1 and typed.fallback_pages == 0
+    assert list(document["data"]) == builder.build_many(records)[0]
+    records[0]["sizes"] = ["3", 4]
+    document = typed(orjson.dumps({"data": records}))
+    assert typed.typed_pages == 2 and typed.fallback_pages == 0
+    assert document["data"][0][2] == [3, 4]
+    assert list(document["data"]) == builder.build_many(records)[0]
