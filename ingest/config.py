@@ -138,7 +138,8 @@ class Table(_Frozen):
                 check_identifier(key, "primary_key column")
             elif key not in self.columns:
                 raise ValueError(f"primary_key column {key!r} is not declared in columns")
-            if self.columns[key].type.endswith("[]"):
+            declared = self.columns.get(key)
+            if declared is not None and declared.type.endswith("[]"):
                 raise ValueError(f"primary_key column {key!r} cannot be an array")
         if self.mode == "merge" and not self.primary_key:
             raise ValueError(
