@@ -8,7 +8,8 @@ Rules, in order, for the non-null values seen at one path:
 
 - all objects, above the flattening depth: one column per key (``profile.plan`` ->
   ``profile__plan``);
-- lists (of anything) and objects below the depth: ``jsonb``;
+- lists of one scalar kind: that type's array (``text[]``, ``bigint[]``...); other lists and
+  objects below the depth: ``jsonb``;
 - all booleans: ``boolean``; all integers: ``bigint`` (``numeric`` past 64 bits);
   integers and floats: ``double``;
 - all ISO 8601 timestamps: ``timestamptz``; all ISO 8601 dates: ``date`` (mixed: ``timestamptz``);
@@ -97,7 +98,7 @@ def column_type(values: Sequence[Any]) -> tuple[str, str]:
     if not kinds:
         return "text", "only nulls in the sample: text is a guess, check the API's documentation"
     if kinds <= {"list"}:
-        return "jsonb", ""
+        return _list_type(values)
     if kinds <= {"object"}:
         return "jsonb", ""
     if kinds == {"boolean"}:
@@ -120,6 +121,25 @@ def column_type(values: Sequence[Any]) -> tuple[str, str]:
     if kinds & {"list", "object"}:
         return "jsonb", f"mixed values in the sample ({seen}): jsonb keeps them all"
     return "text", f"mixed values in the sample ({seen}): text keeps them all"
+
+
+#: Scalar types that have an array column type (``rows.ARRAY_ITEM_TYPES``); a list of other
+#: items (dates, objects, lists, mixed kinds) stays whole in ``jsonb``.
+_ARRAY_ITEMS = ("text", "bigint", "double", "numeric", "boolean", "timestamptz")
+
+
+def _list_type(lists: Sequence[Any]) -> tuple[str, str]:
+    """A column of lists: an array of the items' one scalar type, else ``jsonb``.
+
+    Items are typed by the scalar rules; NULL items are allowed. Lists that are all empty tell
+    nothing of their items, so they are kept as ``jsonb`` with a note."""
+    items = [item for value in lists for item in value if item is not None]
+    if not items:
+        return "jsonb", "only empty lists in the sample: jsonb is a guess, an array may fit"
+    kind, note = column_type(items)
+    if kind in _ARRAY_ITEMS and not note.startswith("mixed"):
+        return f"{kind}[]", note
+    return "jsonb", ""
 
 
 def snake_case(key: str) -> str:

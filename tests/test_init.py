@@ -106,7 +106,7 @@ async def test_init_then_validate_and_run_land_every_record(
         assert columns["active"]["type"] == "boolean"
         assert columns["updated_at"] == {"path": "updatedAt", "type": "timestamptz"}
         assert columns["born"]["type"] == "date"
-        assert columns["tags"]["type"] == "jsonb"
+        assert columns["tags"]["type"] == "text[]"
         assert columns["profile__plan"] == {"path": "profile.plan", "type": "text"}
         assert columns["nested__level"] == {"path": "nested.level", "type": "bigint"}
         assert '# cursor_path = "updatedAt"' in text  # the incremental suggestion, commented
@@ -226,6 +226,21 @@ def test_inference_rules() -> None:
     assert column_type(["2026-13-01"])[0] == "text"
     assert column_type([1, "x"])[0] == "text"
     assert column_type([[1], {"a": 1}])[0] == "jsonb"
+    # Lists of one scalar kind are arrays (NULL items allowed); anything else stays jsonb.
+    assert column_type([["a", None], ["b"]])[0] == "text[]"
+    assert column_type([[1, 2], [3]])[0] == "bigint[]"
+    assert column_type([[1, 2.5]])[0] == "double[]"
+    assert column_type([[True, False]])[0] == "boolean[]"
+    assert column_type([["2026-01-01T00:00:00Z"]])[0] == "timestamptz[]"
+    assert column_type([[2**70, 1]])[0] == "numeric[]"
+    assert column_type([[1, "x"]])[0] == "jsonb"
+    assert column_type([[{"a": 1}]])[0] == "jsonb"
+    assert column_type([[[1]]])[0] == "jsonb"
+    assert column_type([["2026-01-01"]])[0] == "jsonb"  # no date[] type
+    assert column_type([[], []]) == (
+        "jsonb",
+        "only empty lists in the sample: jsonb is a guess, an array may fit",
+    )
     columns = infer_columns(
         [{"a": {"b": {"c": 1}}, "userId": 3, "x.y": 1, "_ingest_raw": 1}], depth=1
     )
