@@ -28,12 +28,12 @@ import structlog
 
 from ingest.config import Endpoint, LoadedConfig
 from ingest.db import Connection, open_pool
-from ingest.errors import ConfigError, LockedError, SinkError, one_line
+from ingest.errors import ConfigError, SinkError, one_line
 from ingest.evolve import Decision, load_decisions, scan, table_with
 from ingest.migrate import pending
 from ingest.rows import POSTGRES_TYPES, RowBuilder, RowError
 from ingest.sink import LOADED_AT_COLUMN, TableSink, quote
-from ingest.state import try_lock_source, unlock_source, wait_for_commits
+from ingest.state import holding_source
 
 log = structlog.get_logger("ingest.deadletters")
 
@@ -146,24 +146,14 @@ async def replay_dead_letters(
     chosen = selected(loaded, endpoints)
     async with open_pool(dsn, size=2) as pool, pool.acquire() as lock_connection:
         await check_schema(lock_connection)
-        if not await try_lock_source(lock_connection, source):
-            raise LockedError(
-                f"source {source} is being run by another process (advisory lock held); "
-                "replay its dead letters when it finishes"
-            )
-        try:
-            if not await wait_for_commits(lock_connection, source, seconds=60):
-                raise LockedError(
-                    f"source {source}: a writer process of an earlier run is still "
-                    "committing after 60 s; try again when it finishes"
-                )
-            async with pool.acquire() as connection:
-                return [
-                    await replay_endpoint(connection, source, endpoint, chunk=chunk)
-                    for endpoint in chosen
-                ]
-        finally:
-            await unlock_source(lock_connection, source)
+        async with (
+            holding_source(lock_connection, source, "replay its dead letters when it finishes"),
+            pool.acquire() as connection,
+        ):
+            return [
+                await replay_endpoint(connection, source, endpoint, chunk=chunk)
+                for endpoint in chosen
+            ]
 
 
 async def replay_endpoint(

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from ingest.config import LoadedConfig
 from ingest.db import Connection, open_pool
 from ingest.deadletters import check_schema, selected, utc
-from ingest.errors import LockedError
-from ingest.state import try_lock_source, unlock_source, wait_for_commits
+from ingest.state import holding_source
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,24 +111,12 @@ async def reset_endpoints(
     names = [endpoint.name for endpoint in selected(loaded, endpoints)]
     async with open_pool(dsn, size=1) as pool, pool.acquire() as connection:
         await check_schema(connection)
-        if not await try_lock_source(connection, source):
-            raise LockedError(
-                f"source {source} is being run by another process (advisory lock held); "
-                "reset it when the run finishes"
-            )
-        try:
-            if not await wait_for_commits(connection, source, seconds=60):
-                raise LockedError(
-                    f"source {source}: a writer process of an earlier run is still "
-                    "committing after 60 s; try again when it finishes"
-                )
+        async with holding_source(connection, source, "reset it when the run finishes"):
             states = await endpoint_states(connection, source, names)
             if not await confirm(states):
                 return None
             await clear_state(connection, source, names)
             return states
-        finally:
-            await unlock_source(connection, source)
 
 
 def confirm_on_terminal(source: str, *, ask: bool) -> Confirm:

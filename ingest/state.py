@@ -10,7 +10,8 @@ import datetime as dt
 import reprlib
 import socket
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ import asyncpg
 import orjson
 
 from ingest.db import Connection
-from ingest.errors import LockLostError
+from ingest.errors import LockedError, LockLostError
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,3 +383,24 @@ async def save_parent_walk(
         started_at,
         run_id,
     )
+
+
+@asynccontextmanager
+async def holding_source(connection: Connection, source: str, retry: str) -> AsyncIterator[None]:
+    """Hold the source's run lock on ``connection`` for a command that changes what runs
+    write (dead-letter replay, reset), once no writer process of an earlier run is still
+    committing; released on exit. ``retry`` ends the message when the lock is taken, e.g.
+    "reset it when the run finishes"."""
+    if not await try_lock_source(connection, source):
+        raise LockedError(
+            f"source {source} is being run by another process (advisory lock held); {retry}"
+        )
+    try:
+        if not await wait_for_commits(connection, source, seconds=60):
+            raise LockedError(
+                f"source {source}: a writer process of an earlier run is still "
+                "committing after 60 s; try again when it finishes"
+            )
+        yield
+    finally:
+        await unlock_source(connection, source)
