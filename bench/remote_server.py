@@ -21,17 +21,27 @@ Styles (``page_size`` records a page, ``records`` in all):
 * ``cursor`` ``?cursor=C`` (``next_cursor`` in the body, null on the last page);
 * ``next_url`` ``?after=N`` (``next``: the absolute URL of the next page, null at the end);
 * ``link`` ``?page=N`` with an RFC 8288 ``Link: <...>; rel="next"`` header;
+* the three serial styles also take a range filter, ``since`` and ``until`` (ISO 8601): only
+  records with ``since <= updated_at < until`` (records come ordered by ``updated_at``), the
+  next cursor, URL or Link keeping the range. A walk without them gets every record.
 * ``parents`` (``parents`` records, one page) and ``parents/{id}/children`` (one page of
   ``page_size`` records per parent).
 
+Records are :func:`bench.dataset.record`'s, except that ``updated_at`` is moved so that the
+records are ``STEP`` seconds apart and the newest is an hour older than the server's start:
+history up to now, as a first load of a real API sees it (ingest's slices cut the range from
+the walk's lower bound to *now*).
+
 Past the end every numbered style answers an empty page. ``GET /_stats`` returns the counters
-per profile (requests, refused, most in flight at once) and ``POST /_reset`` zeroes them.
+per profile (requests, refused, most in flight at once, the *window* from the first
+request's arrival to the last answer) and ``POST /_reset`` zeroes them.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import math
 import random
 import time
@@ -46,6 +56,8 @@ from bench.dataset import record
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROFILES = ("fixed", "lognormal", "rate", "solo")
+#: Seconds between two records' ``updated_at``.
+STEP = 7
 
 
 @dataclass(slots=True)
@@ -55,6 +67,9 @@ class Counters:
     in_flight: int = 0
     max_in_flight: int = 0
     latencies: list[float] = field(default_factory=list)
+    #: When the first request arrived and the last answer left (monotonic seconds).
+    first: float | None = None
+    last: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         ordered = sorted(self.latencies)
@@ -68,6 +83,11 @@ class Counters:
             "max_in_flight": self.max_in_flight,
             "latency_p50": quantile(0.5),
             "latency_p99": quantile(0.99),
+            "window": (
+                round(self.last - self.first, 4)
+                if self.first is not None and self.last is not None
+                else None
+            ),
         }
 
 
@@ -112,6 +132,17 @@ def _int(request: web.Request, name: str, default: int) -> int:
     return int(raw) if raw.lstrip("-").isdigit() else default
 
 
+def _moment(text: str | None) -> dt.datetime | None:
+    """A ``since``/``until`` bound (None: absent); a malformed one is the client's error."""
+    if not text:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"not an ISO 8601 time: {text!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
 def build_app(settings: Settings) -> web.Application:
     rng = random.Random(settings.seed)
     counters = {profile: Counters() for profile in PROFILES}
@@ -119,10 +150,31 @@ def build_app(settings: Settings) -> web.Application:
     size = settings.page_size
     total = settings.records
     total_pages = -(-total // size)
+    # Position p (0-based) is record p + 1, updated at ``base + (p + 1) * STEP``.
+    newest = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(hours=1)
+    base = newest - dt.timedelta(seconds=total * STEP)
+
+    def updated_at(position: int) -> str:
+        return (base + dt.timedelta(seconds=(position + 1) * STEP)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
     def records(start: int, count: int) -> list[dict[str, Any]]:
         """Records ``start`` .. ``start + count - 1`` (0-based positions), clipped to the end."""
-        return [record(index + 1) for index in range(max(0, start), min(total, start + count))]
+        return [
+            {**record(index + 1), "updated_at": updated_at(index)}
+            for index in range(max(0, start), min(total, start + count))
+        ]
+
+    def first_at(moment: dt.datetime) -> int:
+        """The position of the first record updated at or after ``moment``."""
+        seconds = (moment - base).total_seconds()
+        return min(total, max(0, math.ceil(seconds / STEP) - 1))
+
+    def window(request: web.Request) -> tuple[int, int]:
+        """Positions ``[low, high)`` that ``since``/``until`` select (all records without)."""
+        since, until = _moment(request.query.get("since")), _moment(request.query.get("until"))
+        low = first_at(since) if since is not None else 0
+        high = first_at(until) if until is not None else total
+        return low, max(low, high)
 
     def delay(profile: str) -> float:
         if profile == "lognormal":
@@ -136,11 +188,14 @@ def build_app(settings: Settings) -> web.Application:
                 raise web.HTTPNotFound()
             count = counters[profile]
             count.requests += 1
+            if count.first is None:
+                count.first = time.monotonic()
             refuse = (profile == "solo" and count.in_flight > 0) or (
                 profile in buckets and not buckets[profile].take()
             )
             if refuse:
                 count.refused += 1
+                count.last = time.monotonic()
                 return web.Response(status=429, headers={"Retry-After": "1"}, text="slow down")
             count.in_flight += 1
             count.max_in_flight = max(count.max_in_flight, count.in_flight)
@@ -151,6 +206,7 @@ def build_app(settings: Settings) -> web.Application:
                 return await handler(request)
             finally:
                 count.in_flight -= 1
+                count.last = time.monotonic()
 
         return wrapped
 
@@ -172,28 +228,32 @@ def build_app(settings: Settings) -> web.Application:
         return _json({"data": records(start, limit)})
 
     async def cursor(request: web.Request) -> web.Response:
+        low, high = window(request)
         raw = request.query.get("cursor", "c0")
-        start = int(raw[1:]) if raw[1:].isdigit() else 0
+        start = max(low, int(raw[1:]) if raw[1:].isdigit() else 0)
         following = start + size
         return _json(
             {
-                "data": records(start, size),
-                "next_cursor": f"c{following}" if following < total else None,
+                "data": records(start, min(size, high - start)),
+                "next_cursor": f"c{following}" if following < high else None,
             }
         )
 
     async def next_url(request: web.Request) -> web.Response:
-        start = _int(request, "after", 0)
+        low, high = window(request)
+        start = max(low, _int(request, "after", 0))
         following = start + size
-        link = str(request.url.with_query(after=following)) if following < total else None
-        return _json({"data": records(start, size), "next": link})
+        link = str(request.url.update_query(after=following)) if following < high else None
+        return _json({"data": records(start, min(size, high - start)), "next": link})
 
     async def link(request: web.Request) -> web.Response:
+        low, high = window(request)
         number = _int(request, "page", 1)
+        start = low + (number - 1) * size
         headers = {}
-        if number * size < total:
-            headers["Link"] = f'<{request.url.with_query(page=number + 1)}>; rel="next"'
-        return _json({"data": records((number - 1) * size, size)}, headers)
+        if start + size < high:
+            headers["Link"] = f'<{request.url.update_query(page=number + 1)}>; rel="next"'
+        return _json({"data": records(start, min(size, high - start))}, headers)
 
     async def parents(request: web.Request) -> web.Response:
         return _json({"data": [record(index) for index in range(1, settings.parents + 1)]})

@@ -13,6 +13,19 @@ from bench.remote_server import Settings
 STYLES = ("page_total", "page", "offset_total", "offset", "cursor", "next_url", "link", "children")
 #: Numbered styles: the targets' "page_number/offset with or without a total".
 NUMBERED = ("page_total", "page", "offset_total", "offset")
+#: Serial styles: ingest's configs declare the server's range filter (``since``/``until`` over
+#: ``updated_at``) as their incremental cursor, so a first load is cut into slices (the default
+#: ``slices = "auto"``). dlt's configs stay plain walks (its defaults).
+RANGED = ("cursor", "next_url", "link")
+#: The ingest incremental table of the ranged styles: a first load of all history (``start``
+#: well before the records, as a user who does not know where the data begins would write).
+INCREMENTAL: dict[str, Any] = {
+    "cursor_path": "updated_at",
+    "param": "since",
+    "end_param": "until",
+    "format": "iso8601",
+    "start": "2020-01-01T00:00:00Z",
+}
 
 PAGINATION: dict[str, dict[str, Any]] = {
     "page_total": {"style": "page_number", "page_param": "page", "total_path": "meta.total"},
