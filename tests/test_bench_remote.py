@@ -7,13 +7,18 @@ server that refuses concurrency) and that every run loads exactly its rows.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-from bench.remote_server import Settings
+import aiohttp
+from aiohttp import web
+
+from bench.remote_server import Settings, build_app
 from bench.remote_styles import PAGINATION, STYLES, expected_rows, serial_requests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,4 +55,57 @@ def test_a_tiny_remote_bench_runs_every_style_and_loads_exact_rows(
     assert set(runs) == {("fixed", style) for style in STYLES} | {("solo", "page_total")}
     assert all(r["exact"] for r in runs.values()), runs
     assert runs[("fixed", "children")]["rows"] == 60
+    # ingest's configs of the serial styles declare the server's range filter (slices).
+    assert {style for (_, style), r in runs.items() if r["ranged"]} == {
+        "cursor",
+        "next_url",
+        "link",
+    }
     assert "x serial" in done.stdout
+
+
+async def test_the_serial_styles_filter_by_since_and_until_and_keep_the_range() -> None:
+    """A range filter as ingest's slices use it: ``since <= updated_at < until``, in order, and
+    every next cursor/URL/Link stays inside the range; without a range, every record."""
+    settings = Settings(records=95, page_size=10, latency=0.0, jitter=0.0)
+    runner = web.AppRunner(build_app(settings))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    base = f"http://127.0.0.1:{port}/fixed"
+
+    def moment(text: str) -> dt.datetime:
+        return dt.datetime.fromisoformat(text)
+
+    async def walk(session: aiohttp.ClientSession, style: str, query: dict[str, str]) -> list[Any]:
+        records: list[Any] = []
+        url: str | None = f"{base}/{style}"
+        params: dict[str, str] | None = dict(query)
+        while url is not None:
+            async with session.get(url, params=params) as answer:
+                body = await answer.json()
+                link = answer.links.get("next")
+            records += body["data"]
+            if style == "cursor":
+                params = {**query, "cursor": body["next_cursor"]} if body["next_cursor"] else None
+                url = url if params is not None else None
+            elif style == "next_url":
+                url, params = body["next"], None
+            else:
+                url, params = (str(link["url"]) if link else None), None
+        return records
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            everything = await walk(session, "cursor", {})
+            assert [r["id"] for r in everything] == list(range(1, 96))
+            times = [moment(r["updated_at"]) for r in everything]
+            assert times == sorted(times) and times[-1] < dt.datetime.now(dt.UTC)
+            since, until = everything[22]["updated_at"], everything[61]["updated_at"]
+            for style in ("cursor", "next_url", "link"):
+                got = await walk(session, style, {"since": since, "until": until})
+                assert [r["id"] for r in got] == list(range(23, 62)), style
+                assert await walk(session, style, {}) == everything, style
+    finally:
+        await runner.cleanup()
