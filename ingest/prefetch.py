@@ -18,6 +18,15 @@ Errors of speculative requests are kept until (and unless) the walker asks for t
 two pages past the end is not an error, it is never asked for.
 
 With ``pages_ahead = 1`` it is a plain pass-through to the fetcher, exactly the serial walk.
+
+**Only as deep as useful.** ``pages_ahead`` hides a slow server's round trips. Against a fast
+one (the pipeline, not the server, is the bottleneck) pages arrive before they are asked for,
+and every page fetched ahead only waits in memory. So the depth adapts between
+:data:`MIN_DEPTH` and ``pages_ahead``: once a whole window (``depth`` pages in a row) was
+there before the walker asked for it, every further page that was takes one off the depth; a
+page the walker has to wait for doubles it. A slow server's pages come in bursts (the pages
+sent together arrive together, then the walker waits), so they keep the full depth. Only new
+requests follow the depth: requests in flight are never cancelled for it.
 """
 
 from __future__ import annotations
@@ -30,6 +39,10 @@ import structlog
 from ingest.http.messages import HttpResponse, PageRequest, ParseBody
 
 log = structlog.get_logger("ingest.prefetch")
+
+#: The least depth: the page asked for and one more, so a fast server's next page still
+#: arrives while this one is processed.
+MIN_DEPTH = 2
 
 
 class Fetcher(Protocol):
@@ -73,6 +86,10 @@ class Prefetcher:
         self._inflight: dict[str, asyncio.Task[HttpResponse]] = {}
         #: Requests started but then discarded (past the end or wrongly guessed).
         self.discarded = 0
+        #: Pages (this one included) new requests may reach ahead now (see the module doc).
+        self.depth = self.pages_ahead
+        #: Pages in a row that had arrived before the walker asked for them.
+        self._ready_streak = 0
 
     async def get(self, request: PageRequest) -> HttpResponse:
         if self.pages_ahead <= 1 or self.predictor is None:
@@ -86,14 +103,26 @@ class Prefetcher:
         keys = [item.key() for item in wanted]
         for key in [key for key in self._inflight if key not in keys]:
             self._discard(key)
-        for key, item in zip(keys, wanted, strict=True):
-            if key not in self._inflight:
+        self._adapt(keys)
+        for index, (key, item) in enumerate(zip(keys, wanted, strict=True)):
+            if key not in self._inflight and index < self.depth:
                 self._inflight[key] = asyncio.create_task(
                     self.fetcher.fetch(item, self.endpoint, self.parse),
                     name=f"prefetch:{self.endpoint}",
                 )
         task = self._inflight.pop(keys[0])
         return await task
+
+    def _adapt(self, keys: list[str]) -> None:
+        """Shallower while pages wait to be asked for; deeper when the walker waits."""
+        head = self._inflight.get(keys[0])
+        if head is None or not head.done():
+            self.depth = min(self.pages_ahead, 2 * self.depth)
+            self._ready_streak = 0
+            return
+        self._ready_streak += 1
+        if self._ready_streak >= self.depth:
+            self.depth = max(MIN_DEPTH, self.depth - 1)
 
     def _discard(self, key: str) -> None:
         task = self._inflight.pop(key)
