@@ -90,6 +90,8 @@ class Prefetcher:
         self.depth = self.pages_ahead
         #: Pages in a row that had arrived before the walker asked for them.
         self._ready_streak = 0
+        #: The least depth this walk came down to (logged at the end: did it adapt?).
+        self.shallowest = self.depth
 
     async def get(self, request: PageRequest) -> HttpResponse:
         if self.pages_ahead <= 1 or self.predictor is None:
@@ -123,6 +125,7 @@ class Prefetcher:
         self._ready_streak += 1
         if self._ready_streak >= self.depth:
             self.depth = max(MIN_DEPTH, self.depth - 1)
+            self.shallowest = min(self.shallowest, self.depth)
 
     def _discard(self, key: str) -> None:
         task = self._inflight.pop(key)
@@ -139,3 +142,7 @@ class Prefetcher:
             await asyncio.gather(*tasks, return_exceptions=True)
         if self.discarded:
             log.debug("prefetch_discarded", endpoint=self.endpoint, requests=self.discarded)
+        if self.pages_ahead > 1:
+            log.debug(
+                "prefetch_depth", endpoint=self.endpoint, depth=self.depth, least=self.shallowest
+            )
