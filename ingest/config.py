@@ -443,13 +443,19 @@ class BasicAuth(_Frozen):
     password: Secret
 
 
-def _check_token_url(value: str) -> str:
-    if not re.match(r"^https?://[^/\s]+", value):
-        raise ValueError(f"token_url {value!r} must start with http:// or https:// and a host")
-    return value
+class _OAuth2Grant(_Frozen):
+    """What the OAuth 2.0 grants share: their ``token_url`` (declared by each) must be an
+    absolute http(s) URL, since credentials are sent there."""
+
+    @field_validator("token_url", check_fields=False)
+    @classmethod
+    def _token_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"token_url {value!r} must start with http:// or https:// and a host")
+        return value
 
 
-class OAuth2ClientCredentials(_Frozen):
+class OAuth2ClientCredentials(_OAuth2Grant):
     """OAuth 2.0 client credentials grant (RFC 6749 section 4.4); the token is cached."""
 
     style: Literal["oauth2_client_credentials"]
@@ -463,13 +469,8 @@ class OAuth2ClientCredentials(_Frozen):
     #: Refresh this many seconds before ``expires_in`` runs out.
     refresh_margin_seconds: float = Field(default=60.0, ge=0)
 
-    @field_validator("token_url")
-    @classmethod
-    def _token_url(cls, value: str) -> str:
-        return _check_token_url(value)
 
-
-class OAuth2RefreshToken(_Frozen):
+class OAuth2RefreshToken(_OAuth2Grant):
     """OAuth 2.0 refresh token grant (RFC 6749 section 6): a long-lived refresh token is traded
     for access tokens; a new refresh token in the answer (rotation) is used for the next one."""
 
@@ -483,11 +484,6 @@ class OAuth2RefreshToken(_Frozen):
     scope: str | None = None
     client_auth: Literal["basic", "body"] = "basic"
     refresh_margin_seconds: float = Field(default=60.0, ge=0)
-
-    @field_validator("token_url")
-    @classmethod
-    def _token_url(cls, value: str) -> str:
-        return _check_token_url(value)
 
     @model_validator(mode="after")
     def _client(self) -> OAuth2RefreshToken:
