@@ -53,6 +53,25 @@ CONTENDERS = (
 WRITERS = 2
 
 
+def ingest_run_command(python: str, config: Path, dsn: str) -> list[str]:
+    """``ingest run`` as every ingest contender starts it (loopback and remote): from the first
+    page (``--restart``), JSON logs at warning."""
+    return [
+        python,
+        "-m",
+        "ingest",
+        "run",
+        str(config),
+        "--dsn",
+        dsn,
+        "--restart",
+        "--log-format",
+        "json",
+        "--log-level",
+        "warning",
+    ]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description="ingest vs. the machine's ceilings and dlt"
@@ -440,20 +459,7 @@ def _plan(  # noqa: PLR0917 - one call site, all inputs of the plan
                 **settings,
             )
         )
-        command = [
-            py,
-            "-m",
-            "ingest",
-            "run",
-            str(config),
-            "--dsn",
-            dsn,
-            "--restart",
-            "--log-format",
-            "json",
-            "--log-level",
-            "warning",
-        ]
+        command = ingest_run_command(py, config, dsn)
         key = mode if load == "python" else f"{mode}-{load}"
         suffix = {"python": "", "writers": f" ({WRITERS} writers)", "server": " (server)"}[load]
         contenders.append(

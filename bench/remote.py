@@ -31,7 +31,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.cli import BENCH, RESULTS, ROOT, compile_bytecode, database, ensure_dlt, sql
+from bench.cli import (
+    BENCH,
+    RESULTS,
+    ROOT,
+    compile_bytecode,
+    database,
+    ensure_dlt,
+    ingest_run_command,
+    sql,
+)
 from bench.measure import PostgresCpu, run_child
 from bench.remote_server import Settings
 from bench.remote_styles import (
@@ -263,20 +272,7 @@ def _command(  # noqa: PLR0917 - one call site, all inputs of a run
     http = dict(TUNED) if run.contender == "tuned" else {}
     config = Path(scratch) / f"{table}.toml"
     config.write_text(ingest_config(base_url, run, table, http, page_size))
-    return [
-        sys.executable,
-        "-m",
-        "ingest",
-        "run",
-        str(config),
-        "--dsn",
-        dsn,
-        "--restart",
-        "--log-format",
-        "json",
-        "--log-level",
-        "warning",
-    ]
+    return ingest_run_command(sys.executable, config, dsn)
 
 
 def measure(  # noqa: PLR0917 - one call site, all inputs of a run
